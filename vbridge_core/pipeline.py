@@ -1,0 +1,299 @@
+"""VBridgePipeline: restore images along a pseudo-temporal trajectory, then drift-correct them.
+
+``restore(images)`` pads each image by reflection to a multiple of 32, encodes it with the Wan2.2
+VAE as the clean first frame, samples an F-frame pseudo-video with the restoration LoRA active,
+decodes it and returns the last frame cropped back to the input size (and, on request, every
+frame). ``drift_correct(images)`` does the same from the base output with the drift-correction
+LoRA active. Both adapters sit on one base transformer; switching between them reloads nothing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from . import trajectory
+from .errors import InputError, VBridgeError
+from .sampler import SamplerSettings, StepCallback, sample
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("restoration", "drift_correction")
+
+#: The V-Bridge release's sampler recipe (``anchors/vbridge-release.md``); prompts come from the LoRA
+#: or checkpoint's embedded prompt pair.
+PAPER_PRESET: dict[str, Any] = dict(frames=5, steps=50, shift=5.0, solver="unipc", sigma_grid="official",
+                                    guidance=6.0, guidance_skip_tail=0.15)
+
+
+@dataclass
+class RestoreResult:
+    """Outputs of one restore / drift-correct call.
+
+    ``final``: one ``[3, H, W]`` float tensor in 0..1 per input, at the input's size.
+    ``trajectory``: one ``[F, 3, H, W]`` tensor per input (frame 0 = the decoded condition, last =
+    ``final``) when requested, else ``None``. ``info``: settings, timings and memory.
+    """
+
+    final: list[torch.Tensor]
+    trajectory: Optional[list[torch.Tensor]] = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def stacked(self) -> torch.Tensor:
+        """``final`` as one ``[B, 3, H, W]`` tensor (inputs must share a size)."""
+        sizes = {tuple(x.shape) for x in self.final}
+        if len(sizes) != 1:
+            raise InputError(f"outputs have different sizes {sorted(sizes)}; use .final for a list")
+        return torch.stack(self.final)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU (queried at call time, never at import)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_image_list(images: Any) -> list[torch.Tensor]:
+    """Accept a [B,3,H,W] tensor, one [3,H,W] tensor, or a list of images/arrays; return [3,H,W] 0..1 tensors."""
+    from .images import to_rgb_tensor
+
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        items: Iterable[Any] = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = images
+    else:
+        items = [images]
+    out = [to_rgb_tensor(x) for x in items]
+    if not out:
+        raise InputError("no images given: pass at least one image")
+    return out
+
+
+class VBridgePipeline:
+    """Wan2.2-TI2V-5B DiT + VAE with V-Bridge adapters, ready to restore images.
+
+    Build it from loaded diffusers modules, or with :meth:`from_files` from the model files users
+    have. ``prompt_embeds`` / ``negative_prompt_embeds`` override the prompts embedded in LoRAs.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, text_encoder: str | Path | None = None,
+                 tokenizer: str | Path | None = None, vae_tiling: bool = False) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.transformer = transformer
+        self.vae = vae
+        self.prompt_embeds = prompt_embeds
+        self.negative_prompt_embeds = negative_prompt_embeds
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.adapters: dict[str, dict[str, Any]] = {}
+        if vae_tiling and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        z = vae.config.z_dim
+        self._lat_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self._lat_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_files(cls, model_dir: str | Path | None = None, *, dit: str | Path | None = None,
+                   vae: str | Path | None = None, lora: str | Path | None = None, lora_strength: float = 1.0,
+                   drift_lora: str | Path | None = None, drift_strength: float = 1.0,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   text_encoder: str | Path | None = None, tokenizer: str | Path | None = None,
+                   vae_tiling: bool = False) -> "VBridgePipeline":
+        """Load the DiT and VAE (single files or a diffusers folder) and the optional LoRAs."""
+        from .models import load_transformer, load_vae, resolve_model_files
+
+        dev = torch.device(device) if device is not None else default_device()
+        dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        dit_path, vae_path = resolve_model_files(model_dir=model_dir, dit=dit, vae=vae)
+        t0 = time.perf_counter()
+        transformer = load_transformer(dit_path, dtype=dt, device=dev)
+        vae_model = load_vae(vae_path, dtype=torch.float32 if dev.type == "cpu" else dt, device=dev)
+        logger.info("loaded DiT %s and VAE %s in %.1f s", dit_path, vae_path, time.perf_counter() - t0)
+        pipe = cls(transformer, vae_model, device=dev, dtype=dt, text_encoder=text_encoder, tokenizer=tokenizer,
+                   vae_tiling=vae_tiling)
+        if lora:
+            pipe.load_lora(lora, role="restoration", strength=lora_strength)
+        if drift_lora:
+            pipe.load_lora(drift_lora, role="drift_correction", strength=drift_strength)
+        return pipe
+
+    def load_lora(self, lora: Any, role: str | None = None, strength: float = 1.0) -> str:
+        """Attach a LoRA (path or :class:`lora.LoraFile`) as the adapter for ``role``.
+
+        ``role`` defaults to the role in the file's metadata. An adapter already loaded for the role
+        is replaced. Returns the role.
+        """
+        from .lora import LoraFile, apply_lora, read_lora, remove_lora
+
+        lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
+        role = role or lf.role
+        if role not in ROLES:
+            raise InputError(f"unknown LoRA role {role!r}; use one of {ROLES}")
+        if role in self.adapters:
+            remove_lora(self.transformer, self.adapters[role]["name"])
+        name = f"vbridge_{role}"
+        apply_lora(self.transformer, lf, adapter_name=name, strength=strength)
+        self.adapters[role] = {"name": name, "strength": float(strength), "file": lf}
+        self._activate(None)
+        return role
+
+    def _activate(self, role: str | None) -> None:
+        """Make ``role``'s adapter the only active one (``None``: base model only)."""
+        if not self.adapters:
+            return
+        from .lora import set_active_loras
+
+        active = {}
+        if role is not None and role in self.adapters:
+            a = self.adapters[role]
+            active[a["name"]] = a["strength"]
+        set_active_loras(self.transformer, active)
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt_pair(self, role: str, prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None,
+                     prompt: str | None, negative_prompt: str | None, need_negative: bool):
+        """Resolve the prompt embeddings: explicit > pipeline override > text > the adapter's own."""
+        lf = self.adapters.get(role, {}).get("file")
+        pos = prompt_embeds if prompt_embeds is not None else self.prompt_embeds
+        neg = negative_prompt_embeds if negative_prompt_embeds is not None else self.negative_prompt_embeds
+        if pos is None and prompt is not None:
+            pos = self._encode(prompt)
+        if need_negative and neg is None and negative_prompt is not None:
+            neg = self._encode(negative_prompt)
+        if pos is None and lf is not None:
+            pos = lf.prompt_embeds
+        if neg is None and lf is not None:
+            neg = lf.negative_prompt_embeds
+        if pos is None and lf is not None and lf.metadata.get("prompt") and self.text_encoder:
+            pos = self._encode(lf.metadata["prompt"])
+        if pos is None:
+            raise InputError(
+                "no prompt embedding: load a V-Bridge LoRA (it carries the prompt it was trained with), "
+                "pass prompt_embeds, or give a prompt together with a text encoder (--text-encoder)")
+        if need_negative and neg is None:
+            raise InputError("guidance > 1 needs a negative prompt: use a LoRA that embeds one, pass "
+                             "negative_prompt_embeds, or give --negative-prompt with a text encoder")
+        return pos, neg
+
+    def _encode(self, text: str) -> torch.Tensor:
+        if not self.text_encoder:
+            raise InputError(f"a prompt ({text[:40]!r}) needs a text encoder: pass text_encoder= (umt5-xxl file "
+                             "or the diffusers folder) or use the prompt embedded in the LoRA")
+        from .text_encoder import encode_prompt
+
+        return encode_prompt(text, self.text_encoder, tokenizer=self.tokenizer, device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ VAE
+    @torch.no_grad()
+    def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE latent of the images as a 1-frame video, normalised: ``[B, 48, 1, h, w]``."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        x = (images * 2 - 1).unsqueeze(2).to(self.device, vae_dtype)
+        z = self.vae.encode(x).latent_dist.mode().float()
+        return (z - self._lat_mean.to(z.device)) / self._lat_std.to(z.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode normalised latents to pixel frames ``[B, 3, F, H, W]`` in 0..1 (float32)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = latents.float() * self._lat_std.to(latents.device) + self._lat_mean.to(latents.device)
+        video = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ sampling
+    def restore(self, images: Any, **kwargs: Any) -> RestoreResult:
+        """Restore degraded images with the restoration adapter; see :meth:`run` for the options."""
+        return self.run(images, role="restoration", **kwargs)
+
+    def drift_correct(self, images: Any, **kwargs: Any) -> RestoreResult:
+        """Refine base outputs with the drift-correction adapter (a short trajectory, default F=5)."""
+        if "drift_correction" not in self.adapters:
+            raise InputError("drift correction needs a drift-correction LoRA: load one with --drift-lora / "
+                             "load_lora(path, role='drift_correction')")
+        return self.run(images, role="drift_correction", **kwargs)
+
+    @torch.no_grad()
+    def run(self, images: Any, *, role: str = "restoration", frames: int = 5, steps: int = 50, seed: int = 0,
+            shift: float = 5.0, solver: str = "unipc", sigma_grid: str = "diffusers", guidance: float = 1.0,
+            guidance_skip_tail: float = 0.0, prompt: str | None = None, negative_prompt: str | None = None,
+            prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+            return_trajectory: bool = False, batch_size: int = 1, callback: StepCallback | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> RestoreResult:
+        """Sample the pseudo-video for each image and return its last frame.
+
+        Images may have any sizes; they are reflect-padded to multiples of 32 and cropped back.
+        Image ``i`` of the call uses seed ``seed + i``, so a result does not depend on how the
+        inputs are batched. ``batch_size`` images of one padded size share each DiT call.
+        """
+        from .images import crop_back, pad_to_multiple
+
+        trajectory.check_frames(frames)
+        settings = SamplerSettings(steps=steps, shift=shift, solver=solver, sigma_grid=sigma_grid,
+                                   guidance=guidance, guidance_skip_tail=guidance_skip_tail).validate()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        imgs = _as_image_list(images)
+        pos, neg = self._prompt_pair(role, prompt_embeds, negative_prompt_embeds, prompt, negative_prompt,
+                                     need_negative=settings.guided_steps() > 0)
+        self._activate(role if role in self.adapters else None)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t_start = time.perf_counter()
+
+        # Group images by padded size so each batch is one tensor.
+        padded = []
+        for i, img in enumerate(imgs):
+            x, pad = pad_to_multiple(img.unsqueeze(0), 32)
+            padded.append((i, x, pad))
+        groups: dict[tuple[int, int], list] = {}
+        for item in padded:
+            groups.setdefault(tuple(item[1].shape[-2:]), []).append(item)
+
+        finals: list[Optional[torch.Tensor]] = [None] * len(imgs)
+        trajs: list[Optional[torch.Tensor]] = [None] * len(imgs)
+        n_lat = trajectory.latent_frames(frames)
+        done_steps = 0
+        total_steps = settings.steps * len(imgs)
+
+        for items in groups.values():
+            for b0 in range(0, len(items), batch_size):
+                chunk = items[b0:b0 + batch_size]
+                x = torch.cat([c[1] for c in chunk])
+                cond = self.encode_condition(x)
+                _, c, _, h, w = cond.shape
+                noise = torch.cat([
+                    torch.randn((1, c, n_lat, h, w), generator=torch.Generator("cpu").manual_seed(seed + c_[0]),
+                                dtype=torch.float32) for c_ in chunk]).to(self.device)
+
+                def step_cb(info, _base=done_steps, _n=len(chunk)):
+                    if callback is not None:
+                        info.extra.update(image_indices=[c_[0] for c_ in chunk], overall_step=_base + info.step * _n,
+                                          overall_total=total_steps)
+                        callback(info)
+
+                lat = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
+                             callback=step_cb, should_cancel=should_cancel)
+                done_steps += settings.steps * len(chunk)
+                video = self.decode(lat)  # [b, 3, F, H, W]
+                for j, (idx, _, pad) in enumerate(chunk):
+                    frames_j = crop_back(video[j].permute(1, 0, 2, 3), pad).cpu()  # [F, 3, H, W]
+                    finals[idx] = frames_j[-1].clone()
+                    if return_trajectory:
+                        trajs[idx] = frames_j
+        seconds = time.perf_counter() - t_start
+        info = dict(role=role, frames=frames, steps=steps, seed=seed, shift=shift, solver=solver,
+                    sigma_grid=sigma_grid, guidance=guidance, guidance_skip_tail=guidance_skip_tail,
+                    batch_size=batch_size, images=len(imgs), seconds=round(seconds, 3),
+                    device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+                    adapters={r: a["strength"] for r, a in self.adapters.items()})
+        if self.device.type == "cuda":
+            info["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return RestoreResult(final=[f for f in finals if f is not None],
+                             trajectory=[t for t in trajs if t is not None] if return_trajectory else None, info=info)
