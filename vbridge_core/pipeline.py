@@ -24,12 +24,6 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("restoration", "drift_correction")
 
-#: The V-Bridge release's sampler recipe (``anchors/vbridge-release.md``); prompts come from the LoRA
-#: or checkpoint's embedded prompt pair.
-PAPER_PRESET: dict[str, Any] = dict(frames=5, steps=50, shift=5.0, solver="unipc", sigma_grid="official",
-                                    guidance=6.0, guidance_skip_tail=0.15)
-
-
 @dataclass
 class RestoreResult:
     """Outputs of one restore / drift-correct call.

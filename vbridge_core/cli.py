@@ -1,0 +1,312 @@
+"""Command line: ``python -m vbridge_core {restore,drift-correct,train,eval,demo}``.
+
+Every error the user can fix is printed as one line (``error: ...``) with exit code 2; a cancel
+(Ctrl-C) exits with 130. Outputs are written to temporary names and renamed, so an interrupted run
+never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import Cancelled, InputError, VBridgeError
+
+logger = logging.getLogger("vbridge_core")
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _collect_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Expand files and folders (non-recursive) into a sorted list of image paths."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise InputError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)})")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise InputError(f"input {p} does not exist: give image files or folders of images")
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise InputError(f"several inputs share the name(s) {dup}: outputs would overwrite each other; rename them")
+    return paths
+
+
+def _dtype(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return None
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    return table[name]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model files (nothing is downloaded)")
+    g.add_argument("--model", metavar="DIR", help="diffusers folder of Wan2.2-TI2V-5B (transformer/, vae/), "
+                   "or a ComfyUI models/ folder; --dit/--vae override its parts")
+    g.add_argument("--dit", metavar="FILE", help="DiT: wan2.2_ti2v_5B_fp16.safetensors (ComfyUI repackaged), a "
+                   "diffusers transformer/ folder, or a full fine-tuned 5B transformer")
+    g.add_argument("--vae", metavar="FILE", help="VAE: wan2.2_vae.safetensors or a diffusers vae/ folder")
+    g.add_argument("--text-encoder", metavar="PATH", help="umt5-xxl (single file or diffusers folder); only needed "
+                   "for --prompt/--negative-prompt, since V-Bridge LoRAs carry their prompt embedding")
+    g.add_argument("--tokenizer", metavar="DIR", help="umt5 tokenizer folder for a single-file text encoder")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="compute precision (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--vae-tiling", action="store_true", help="decode/encode in tiles (large images, low VRAM)")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--preset", choices=["fast", "paper"], default=None,
+                   help="fast: guidance 1 on diffusers' grid; paper: the V-Bridge release (official grid, guidance 6, "
+                   "no unconditional pass in the last 15%% of steps). Explicit flags override the preset")
+    g.add_argument("--frames", type=int, default=None, help=f"pseudo-video length F = 4k+1 >= 5 (default {frames_default})")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
+    g.add_argument("--seed", type=int, default=0, help="seed; image i of the run uses seed+i (default 0)")
+    g.add_argument("--shift", type=float, default=None, help="flow shift (default 5.0)")
+    g.add_argument("--solver", choices=["unipc", "euler"], default=None, help="ODE solver (default unipc)")
+    g.add_argument("--sigma-grid", choices=["diffusers", "official"], default=None,
+                   help="sigma grid: diffusers' UniPC flow grid (default) or the official Wan grid")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance; 1.0 (default) = one DiT call per step, >1 adds a negative pass")
+    g.add_argument("--guidance-skip-tail", type=float, default=None,
+                   help="fraction of the last steps without the negative pass (default 0; paper 0.15)")
+    g.add_argument("--prompt", default=None, help="override the LoRA's embedded prompt (needs --text-encoder)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt for guidance > 1 (needs --text-encoder)")
+    g.add_argument("--batch-size", type=int, default=1, help="images of one size per DiT call (default 1)")
+    g.add_argument("--save-trajectory", action="store_true", help="also write every frame of each pseudo-video")
+
+
+def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5) -> dict[str, Any]:
+    from .presets import preset
+
+    kw: dict[str, Any] = preset(a.preset or "fast")
+    kw["frames"] = frames_default if a.preset is None else kw["frames"]
+    for name in ("frames", "steps", "shift", "solver", "sigma_grid", "guidance", "guidance_skip_tail"):
+        v = getattr(a, name)
+        if v is not None:
+            kw[name] = v
+    kw.update(seed=a.seed, batch_size=a.batch_size, prompt=a.prompt, negative_prompt=a.negative_prompt)
+    if a.preset == "paper" and kw["prompt"] is None:
+        from .presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT
+
+        kw["negative_prompt"] = kw["negative_prompt"] or PAPER_NEGATIVE_PROMPT
+        if a.text_encoder:
+            kw["prompt"] = PAPER_PROMPT
+    return kw
+
+
+def _write_outputs(out: Path, name: str, final, traj, suffix: str = "") -> list[Path]:
+    from .images import save_png
+
+    written = [save_png(final, out / f"{name}{suffix}.png")]
+    if traj is not None:
+        import torch
+
+        strip = torch.cat(list(traj), dim=-1)  # frames side by side
+        written.append(save_png(strip, out / f"{name}{suffix}_trajectory.png"))
+        for k, fr in enumerate(traj):
+            written.append(save_png(fr, out / f"{name}{suffix}_trajectory" / f"frame_{k:02d}.png"))
+    return [Path(w) for w in written]
+
+
+def _progress(prefix: str):
+    def cb(info) -> None:
+        step = info.extra.get("overall_step", info.step)
+        total = info.extra.get("overall_total", info.total)
+        if step == total or step % max(1, total // 10) == 0:
+            logger.info("%s: step %d/%d", prefix, step, total)
+    return cb
+
+
+def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
+    from .fileio import ensure_writable_dir, write_json_atomic
+    from .images import load_image
+    from .pipeline import VBridgePipeline
+
+    out = ensure_writable_dir(a.out)
+    paths = _collect_inputs(a.inputs)
+    images = [load_image(p) for p in paths]
+    if drift_only and not a.drift_lora:
+        raise InputError("drift-correct needs --drift-lora FILE (a V-Bridge drift-correction LoRA)")
+    pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=getattr(a, "lora", None),
+                                      lora_strength=getattr(a, "lora_strength", 1.0), drift_lora=a.drift_lora,
+                                      drift_strength=a.drift_strength, device=a.device, dtype=_dtype(a.dtype),
+                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling)
+    kw = _sampler_kwargs(a)
+    settings: dict[str, Any] = {"inputs": [str(p) for p in paths], "sampler": {k: v for k, v in kw.items()}}
+    t0 = time.perf_counter()
+    if not drift_only:
+        res = pipe.restore(images, return_trajectory=a.save_trajectory, callback=_progress("restore"), **kw)
+        settings["restore_info"] = res.info
+        base = res.final
+        if a.drift_lora:
+            for p, f, tr in zip(paths, res.final, res.trajectory or [None] * len(paths)):
+                _write_outputs(out, p.stem, f, tr, suffix="_base")
+    else:
+        base = images
+    if a.drift_lora:
+        dkw = dict(kw, frames=a.drift_frames or kw["frames"], steps=a.drift_steps or kw["steps"])
+        res = pipe.drift_correct(base, return_trajectory=a.save_trajectory, callback=_progress("drift-correct"), **dkw)
+        settings["drift_info"] = res.info
+    for p, f, tr in zip(paths, res.final, res.trajectory or [None] * len(paths)):
+        _write_outputs(out, p.stem, f, tr)
+    settings.update(dit=a.dit, vae=a.vae, model=a.model, lora=getattr(a, "lora", None), drift_lora=a.drift_lora,
+                    seconds=round(time.perf_counter() - t0, 3))
+    write_json_atomic(out / "vbridge_settings.json", settings)
+    logger.info("wrote %d image(s) and vbridge_settings.json to %s", len(paths), out)
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .images import load_image
+    from .metrics import psnr, ssim
+
+    restored = {p.stem: p for p in _collect_inputs([a.restored])}
+    refs = {p.stem: p for p in _collect_inputs([a.reference])}
+    common = sorted(set(restored) & set(refs))
+    missing = sorted(set(restored) ^ set(refs))
+    if not common:
+        raise InputError(f"no file names in common between {a.restored} and {a.reference}")
+    if missing:
+        logger.warning("skipped files without a partner: %s", missing[:10])
+    rows = []
+    for s in common:
+        x, y = load_image(restored[s]), load_image(refs[s])
+        if x.shape != y.shape:
+            raise InputError(f"{s}: restored {tuple(x.shape[1:])} and reference {tuple(y.shape[1:])} differ in size")
+        rows.append((s, float(psnr(x, y, channel=a.psnr_channel)), float(ssim(x, y, channel=a.ssim_channel))))
+    for s, p, q in rows:
+        print(f"{s}\tPSNR {p:.3f} dB\tSSIM {q:.4f}")
+    print(f"mean\tPSNR {sum(r[1] for r in rows) / len(rows):.3f} dB\tSSIM {sum(r[2] for r in rows) / len(rows):.4f}"
+          f"\t({len(rows)} images; PSNR on {a.psnr_channel.upper()}, SSIM on {a.ssim_channel.upper()})")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .images import load_image
+    from .pipeline import VBridgePipeline
+    from .training.trainer import TrainConfig, train_lora
+
+    root = Path(a.pairs)
+    lq_dir, hq_dir = root / "lq", root / "hq"
+    if not lq_dir.is_dir() or not hq_dir.is_dir():
+        raise InputError(f"{root} must contain lq/ and hq/ folders with matching file names")
+    lqs = {p.stem: p for p in _collect_inputs([str(lq_dir)])}
+    hqs = {p.stem: p for p in _collect_inputs([str(hq_dir)])}
+    if set(lqs) != set(hqs):
+        raise InputError(f"unmatched pairs: only in lq/: {sorted(set(lqs) - set(hqs))[:10]}, "
+                         f"only in hq/: {sorted(set(hqs) - set(lqs))[:10]}")
+    pairs = [(load_image(lqs[s]), load_image(hqs[s])) for s in sorted(lqs)]
+    pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=a.device, dtype=_dtype(a.dtype),
+                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer)
+    from .presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT
+
+    prompt = a.prompt or PAPER_PROMPT
+    pos = pipe._encode(prompt)
+    neg = pipe._encode(PAPER_NEGATIVE_PROMPT)
+    cfg = TrainConfig(steps=a.steps, rank=a.rank, alpha=a.alpha or float(a.rank), learning_rate=a.lr,
+                      frames=a.frames, shift=a.shift, resolution=a.resolution, seed=a.seed)
+    res = train_lora(pipe, pairs, cfg, a.out, prompt_embeds=pos, negative_prompt_embeds=neg,
+                     metadata={"prompt": prompt, "negative_prompt": PAPER_NEGATIVE_PROMPT},
+                     callback=lambda s, l: s % max(1, cfg.steps // 20) == 0 and logger.info("step %d loss %.4f", s, l))
+    logger.info("wrote %s (%d steps, final loss %.4f)", res.path, len(res.losses), res.losses[-1])
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(a.out), train_steps=a.train_steps, steps=a.steps, seed=a.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m vbridge_core", description="V-Bridge: few-shot image restoration with "
+                                "the Wan2.2-TI2V-5B video diffusion transformer.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("restore", help="restore images (optionally followed by drift correction)", formatter_class=fmt)
+    r.add_argument("inputs", nargs="+", metavar="IN", help="degraded images or folders of images")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    r.add_argument("--lora", metavar="FILE", help="V-Bridge restoration LoRA (.safetensors)")
+    r.add_argument("--lora-strength", type=float, default=1.0, help="restoration LoRA strength")
+    r.add_argument("--drift-lora", metavar="FILE", help="drift-correction LoRA: refines the restored frame")
+    r.add_argument("--drift-strength", type=float, default=1.0, help="drift-correction LoRA strength")
+    r.add_argument("--drift-frames", type=int, default=None, help="frames of the drift trajectory (default: --frames)")
+    r.add_argument("--drift-steps", type=int, default=None, help="steps of the drift pass (default: --steps)")
+    _add_model_args(r)
+    _add_sampler_args(r)
+
+    d = sub.add_parser("drift-correct", help="refine already restored images with a drift-correction LoRA",
+                       formatter_class=fmt)
+    d.add_argument("inputs", nargs="+", metavar="IN", help="restored images or folders")
+    d.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    d.add_argument("--drift-lora", required=True, metavar="FILE", help="drift-correction LoRA")
+    d.add_argument("--drift-strength", type=float, default=1.0, help="LoRA strength")
+    d.add_argument("--drift-frames", type=int, default=None, help="frames of the drift trajectory (default 5)")
+    d.add_argument("--drift-steps", type=int, default=None, help="steps (default 50)")
+    _add_model_args(d)
+    _add_sampler_args(d)
+
+    t = sub.add_parser("train", help="train a restoration LoRA from LQ/HQ pairs", formatter_class=fmt)
+    t.add_argument("--pairs", required=True, metavar="DIR", help="folder with lq/ and hq/ (matching file names)")
+    t.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors)")
+    t.add_argument("--steps", type=int, default=400, help="training steps")
+    t.add_argument("--rank", type=int, default=32, help="LoRA rank")
+    t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    t.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
+    t.add_argument("--frames", type=int, default=5, help="pseudo-video length F = 4k+1")
+    t.add_argument("--shift", type=float, default=5.0, help="flow shift of the noise-level sampling")
+    t.add_argument("--resolution", type=int, default=None, help="square crop side, multiple of 32 (default: "
+                   "largest multiple of 32 that fits, at most 512)")
+    t.add_argument("--seed", type=int, default=0, help="seed")
+    t.add_argument("--prompt", default=None, help="training prompt (default: the V-Bridge release prompt)")
+    _add_model_args(t)
+
+    e = sub.add_parser("eval", help="PSNR/SSIM of restored images against references (matching names)",
+                       formatter_class=fmt)
+    e.add_argument("restored", help="folder of restored images")
+    e.add_argument("reference", help="folder of reference (HQ) images")
+    e.add_argument("--psnr-channel", choices=["rgb", "y"], default="rgb", help="PSNR on RGB or on Y (BT.601)")
+    e.add_argument("--ssim-channel", choices=["rgb", "y"], default="y", help="SSIM on Y (FoundIR protocol) or RGB")
+
+    m = sub.add_parser("demo", help="offline smoke test: tiny model, train -> restore -> drift-correct",
+                       formatter_class=fmt)
+    m.add_argument("--out", default="vbridge_demo", metavar="DIR", help="output folder")
+    m.add_argument("--train-steps", type=int, default=150, help="LoRA training steps per stage")
+    m.add_argument("--steps", type=int, default=20, help="sampling steps")
+    m.add_argument("--seed", type=int, default=0, help="seed")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("diffusers", "transformers", "peft", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
+                "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (KeyboardInterrupt, Cancelled) as e:
+        print(f"cancelled: {e or 'interrupted'}; no partial output was written", file=sys.stderr)
+        return 130
+    except VBridgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

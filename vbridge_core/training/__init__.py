@@ -1,0 +1,1 @@
+"""Training of V-Bridge LoRAs: flow matching on LQ -> HQ pseudo-videos (see ``trainer``)."""
