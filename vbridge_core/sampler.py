@@ -105,7 +105,7 @@ def make_scheduler(settings: SamplerSettings, device: torch.device | str = "cpu"
                                         num_train_timesteps=NUM_TRAIN_TIMESTEPS, flow_shift=settings.shift)
         if official:
             base = np.linspace(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, 0.0, settings.steps + 1)[:-1]
-            sched.set_timesteps(sigmas=base.tolist(), device=device)
+            sched.set_timesteps(sigmas=base, device=device)
         else:
             sched.set_timesteps(settings.steps, device=device)
     else:
@@ -113,7 +113,7 @@ def make_scheduler(settings: SamplerSettings, device: torch.device | str = "cpu"
         if official:
             base = np.linspace(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, 0.0, settings.steps + 1)[:-1]
             # FlowMatchEuler applies its own shift to the sigmas it is given.
-            sched.set_timesteps(sigmas=base.tolist(), device=device)
+            sched.set_timesteps(sigmas=base, device=device)
         else:
             sched.set_timesteps(settings.steps, device=device)
     timesteps = sched.timesteps

@@ -1,0 +1,118 @@
+"""VBridgePipeline behaviour on the tiny model: sizes, seeds, batching, callbacks, cancel, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vbridge_core.errors import Cancelled, InputError
+from vbridge_core.pipeline import VBridgePipeline
+from vbridge_core.sampler import SamplerSettings, make_scheduler
+from vbridge_core.tiny import build_tiny_transformer, build_tiny_vae, tiny_prompt_embeds
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return VBridgePipeline(build_tiny_transformer(11), build_tiny_vae(12), device="cpu", dtype=torch.float32,
+                           prompt_embeds=tiny_prompt_embeds(1), negative_prompt_embeds=tiny_prompt_embeds(2))
+
+
+def test_any_sizes_and_modes(pipe):
+    rng = np.random.default_rng(0)
+    rgb = torch.rand(3, 37, 50)
+    gray = rng.integers(0, 256, (40, 33), dtype=np.uint8)          # [H, W] uint8
+    rgba = rng.integers(0, 65536, (20, 24, 4), dtype=np.uint16)    # [H, W, 4] 16-bit
+    res = pipe.restore([rgb, gray, rgba], steps=3, return_trajectory=True)
+    assert [tuple(f.shape) for f in res.final] == [(3, 37, 50), (3, 40, 33), (3, 20, 24)]
+    assert [tuple(t.shape) for t in res.trajectory] == [(5, 3, 37, 50), (5, 3, 40, 33), (5, 3, 20, 24)]
+    for f, t in zip(res.final, res.trajectory):
+        assert torch.equal(f, t[-1])
+        assert 0 <= f.min() and f.max() <= 1
+    assert res.info["images"] == 3 and res.info["steps"] == 3
+
+
+def test_seeds_are_per_image_and_batching_does_not_change_results(pipe):
+    a, b = torch.rand(3, 32, 32), torch.rand(3, 32, 32)
+    both = pipe.restore(torch.stack([a, b]), steps=4, seed=10, batch_size=2)
+    only_a = pipe.restore(a, steps=4, seed=10)
+    only_b = pipe.restore(b, steps=4, seed=11)
+    torch.testing.assert_close(both.final[0], only_a.final[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both.final[1], only_b.final[0], atol=1e-5, rtol=0)
+    other_seed = pipe.restore(a, steps=4, seed=99)
+    assert (other_seed.final[0] - only_a.final[0]).abs().max() > 1e-3
+
+
+def test_callback_and_cancel_within_one_step(pipe):
+    seen = []
+    pipe.restore(torch.rand(3, 32, 32), steps=6, callback=lambda info: seen.append((info.step, info.denoised.shape)))
+    assert [s for s, _ in seen] == list(range(1, 7))
+    assert seen[0][1] == (1, 48, 2, 2, 2)
+
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        state = {"n": 0}
+
+        def should_cancel():
+            state["n"] += 1
+            return state["n"] > 3
+
+        with pytest.raises(Cancelled, match="step 4 of 50"):
+            pipe.restore(torch.rand(3, 32, 32), steps=50, should_cancel=should_cancel)
+        assert len(calls) == 3
+    finally:
+        handle.remove()
+
+
+def test_solvers_and_grids_run(pipe):
+    x = torch.rand(3, 32, 32)
+    outs = {}
+    for solver in ("unipc", "euler"):
+        for grid in ("diffusers", "official"):
+            outs[solver, grid] = pipe.restore(x, steps=5, solver=solver, sigma_grid=grid).final[0]
+            assert torch.isfinite(outs[solver, grid]).all()
+    assert (outs["unipc", "diffusers"] - outs["euler", "diffusers"]).abs().max() > 1e-4
+
+
+def test_official_grid_matches_the_wan_code():
+    # the release anchors: last sigma 0.0925 (official) vs 0.0968 (diffusers) at 50 steps, shift 5
+    off, off_t = make_scheduler(SamplerSettings(steps=50, sigma_grid="official"))
+    dif, _ = make_scheduler(SamplerSettings(steps=50, sigma_grid="diffusers"))
+    assert abs(float(off.sigmas[-2]) - 0.0925) < 5e-4
+    assert abs(float(dif.sigmas[-2]) - 0.0968) < 5e-4
+    assert float(off.sigmas[-1]) == 0.0
+    assert torch.equal(off_t, torch.floor(off_t))  # integer timesteps for the DiT, as the official code
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(frames=6), "4k\\+1"),
+    (dict(frames=3), "4k\\+1"),
+    (dict(steps=0), "steps"),
+    (dict(shift=0), "shift"),
+    (dict(solver="ddim"), "solver"),
+    (dict(guidance=0.5), "guidance"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_bad_settings(pipe, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        pipe.restore(torch.rand(3, 32, 32), **kwargs)
+
+
+def test_missing_prompts_and_adapters():
+    bare = VBridgePipeline(build_tiny_transformer(11), build_tiny_vae(12), device="cpu", dtype=torch.float32)
+    with pytest.raises(InputError, match="no prompt embedding"):
+        bare.restore(torch.rand(3, 32, 32), steps=2)
+    with pytest.raises(InputError, match="text encoder"):
+        bare.restore(torch.rand(3, 32, 32), steps=2, prompt="restore this")
+    bare.prompt_embeds = tiny_prompt_embeds()
+    with pytest.raises(InputError, match="negative prompt"):
+        bare.restore(torch.rand(3, 32, 32), steps=2, guidance=3.0)
+    with pytest.raises(InputError, match="drift-correction LoRA"):
+        bare.drift_correct(torch.rand(3, 32, 32), steps=2)
+
+
+def test_bad_images(pipe):
+    with pytest.raises(InputError):
+        pipe.restore(torch.rand(3, 0, 16), steps=2)
+    with pytest.raises(InputError, match="no images"):
+        pipe.restore([], steps=2)
