@@ -103,6 +103,8 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
             orientation = _exif_orientation(img)
     except UnidentifiedImageError:
         raise InputError(f"{p} is not an image PIL can read (unknown or unsupported format).") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{p} is too large to load safely ({e}). Downscale it first.") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{p} is not an image PIL can read: {e}") from None
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
