@@ -325,3 +325,28 @@ def test_write_rejects_bad_input(tmp_path, base):
     with pytest.raises(InputError, match="role"):
         write_lora(tmp_path / "x.safetensors", layers, rank=RANK, alpha=ALPHA, metadata={"role": "other"})
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_names_cover_official_wan_linears(base):
+    """Every Linear of the official Wan2.2 model (whose names ComfyUI uses) maps to the diffusers
+    Linear of the same shape, and back: our file keys name real Wan modules."""
+    import sys
+
+    from vbridge_core.lora import wan_to_diffusers_name
+
+    if "wan.modules.model" in sys.modules:  # wan_official.load_official may run once per process only
+        wan_model = sys.modules["wan.modules.model"]
+    else:
+        from wan_official import load_official
+        wan_model = load_official()[0]
+    official = wan_model.WanModel(model_type="ti2v", in_dim=48, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096,
+                                  out_dim=48, num_heads=2, num_layers=2)
+    ours = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = [n for n, m in official.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert names
+    for n in names:
+        d = wan_to_diffusers_name(n)
+        assert d in ours, n
+        assert ours[d].weight.shape == dict(official.named_modules())[n].weight.shape, n
+        assert diffusers_to_wan_name(d) == n
+    assert set(linear_names(base)) == set(ours)  # every diffusers Linear has a Wan/ComfyUI name

@@ -603,12 +603,13 @@ def check_lora_fits(transformer: torch.nn.Module, lora: LoraFile) -> tuple[list[
 
 def _mismatch_message(lora: LoraFile, missing: list[str], shapes: list[str], total: int) -> str:
     src = str(lora.path) if lora.path else "the LoRA"
-    parts = [f"{src} does not fit this model:"]
+    problems = []
     if missing:
-        parts.append(f"{len(missing)} of {total} layers/keys match no layer of the model (first: "
-                     f"{', '.join(missing[:_MAX_LISTED])})")
+        problems.append(f"{len(missing)} of {total} layers/keys match no layer of the model (first: "
+                        f"{', '.join(missing[:_MAX_LISTED])})")
     if shapes:
-        parts.append(f"{len(shapes)} layers have other shapes (first: {'; '.join(shapes[:_MAX_LISTED])})")
+        problems.append(f"{len(shapes)} layers have other shapes (first: {'; '.join(shapes[:_MAX_LISTED])})")
+    parts = [f"{src} does not fit this model: {'; '.join(problems)}."]
     parts.append(f"The file seems to be for {_guess_base(list(lora.weights) + lora.unmapped_keys, lora.weights, lora.metadata)}.")
     parts.append("Use a LoRA trained for Wan2.2-TI2V-5B, or pass allow_partial=True to apply the matching part.")
     return " ".join(parts)
