@@ -684,11 +684,15 @@ def apply_lora(transformer: torch.nn.Module, lora: LoraFile | str | os.PathLike,
     config = dict(r=r0, lora_alpha=a0, lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False,
                   target_modules="^(?:" + "|".join(re.escape(n) for n in sorted(layers)) + ")$",
                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    param = next(transformer.parameters())
+    modules = dict(transformer.named_modules())
     state = {}
     for n, l in layers.items():
-        state[f"{n}.lora_A.weight"] = l.down.to(device=param.device, dtype=param.dtype)
-        state[f"{n}.lora_B.weight"] = l.up.to(device=param.device, dtype=param.dtype)
+        # each layer in its own base weight's dtype/device (diffusers keeps some modules fp32 in bf16 models)
+        mod = modules[n]
+        w = (mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod).weight
+        dt = w.dtype if w.dtype.is_floating_point else l.down.dtype
+        state[f"{n}.lora_A.weight"] = l.down.to(device=w.device, dtype=dt)
+        state[f"{n}.lora_B.weight"] = l.up.to(device=w.device, dtype=dt)
     was_active = _strengths(transformer)
     with warnings.catch_warnings():
         # peft warns that a second adapter joins an existing peft_config: that is the point here.
