@@ -690,7 +690,7 @@ def apply_lora(transformer: torch.nn.Module, lora: LoraFile | str | os.PathLike,
         # each layer in its own base weight's dtype/device (diffusers keeps some modules fp32 in bf16 models)
         mod = modules[n]
         w = (mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod).weight
-        dt = w.dtype if w.dtype.is_floating_point else l.down.dtype
+        dt = w.dtype if w.dtype.is_floating_point and w.dtype.itemsize >= 2 else torch.bfloat16  # fp8 storage
         state[f"{n}.lora_A.weight"] = l.down.to(device=w.device, dtype=dt)
         state[f"{n}.lora_B.weight"] = l.up.to(device=w.device, dtype=dt)
     was_active = _strengths(transformer)
