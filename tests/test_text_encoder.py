@@ -5,7 +5,7 @@ vocabulary built offline) are saved as a diffusers model root and as ComfyUI-sty
 """
 from __future__ import annotations
 
-import json
+import re
 import shutil
 from pathlib import Path
 
@@ -209,8 +209,7 @@ def _scaled_fp8_file(model, path: Path, prefix: str = "") -> None:
     for k, v in model.state_dict().items():
         if k == "encoder.embed_tokens.weight":
             continue
-        if v.ndim == 2 and "DenseReluDense" in k or "SelfAttention.q" in k or "SelfAttention.k" in k \
-                or "SelfAttention.v" in k or "SelfAttention.o" in k:
+        if re.search(r"\.(DenseReluDense\.(wi_0|wi_1|wo)|SelfAttention\.[qkvo])\.weight$", k):
             scale = v.abs().max().float() / 448.0
             sd[prefix + k] = (v.float() / scale).to(torch.float8_e4m3fn)
             sd[prefix + k[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
