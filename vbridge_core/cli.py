@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="offline smoke test: tiny model, train -> restore -> drift-correct",
                        formatter_class=fmt)
     m.add_argument("--out", default="vbridge_demo", metavar="DIR", help="output folder")
-    m.add_argument("--train-steps", type=int, default=150, help="LoRA training steps per stage")
+    m.add_argument("--train-steps", type=int, default=60, help="LoRA training steps per stage")
     m.add_argument("--steps", type=int, default=20, help="sampling steps")
     m.add_argument("--seed", type=int, default=0, help="seed")
     return p

@@ -35,7 +35,7 @@ def load_sample_pairs(root: Path = SAMPLES) -> list[tuple[str, torch.Tensor, tor
     return pairs
 
 
-def run_demo(out: Path, train_steps: int = 150, steps: int = 20, seed: int = 0) -> dict:
+def run_demo(out: Path, train_steps: int = 60, steps: int = 20, seed: int = 0) -> dict:
     """Run the demo into ``out`` and return the measured PSNRs (mean over the sample pairs)."""
     from .fileio import ensure_writable_dir, write_json_atomic
     from .images import save_png

@@ -165,8 +165,8 @@ class VBridgePipeline:
             pos = lf.prompt_embeds
         if neg is None and lf is not None:
             neg = lf.negative_prompt_embeds
-        if pos is None and lf is not None and lf.metadata.get("prompt") and self.text_encoder:
-            pos = self._encode(lf.metadata["prompt"])
+        if pos is None and lf is not None and lf.metadata.get("vbridge.prompt") and self.text_encoder:
+            pos = self._encode(lf.metadata["vbridge.prompt"])
         if pos is None:
             raise InputError(
                 "no prompt embedding: load a V-Bridge LoRA (it carries the prompt it was trained with), "

@@ -110,7 +110,7 @@ def train_lora(pipe, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config:
     """
     from peft import LoraConfig
 
-    from ..lora import lora_state_from_peft, write_lora
+    from ..lora import lora_state_from_peft, remove_lora, set_active_loras, write_lora
 
     config.validate()
     _check_pairs(pairs)
@@ -120,7 +120,7 @@ def train_lora(pipe, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config:
     transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
                                        target_modules=list(config.target_modules), init_lora_weights=True),
                             adapter_name=TRAIN_ADAPTER)
-    transformer.set_adapters([TRAIN_ADAPTER], [1.0])
+    set_active_loras(transformer, {TRAIN_ADAPTER: 1.0})
     params = [p for n, p in transformer.named_parameters() if TRAIN_ADAPTER in n]
     for p in params:
         p.data = p.data.float()
@@ -164,7 +164,7 @@ def train_lora(pipe, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config:
                           negative_prompt_embeds.cpu() if negative_prompt_embeds is not None else None)
     finally:
         transformer.train(was_training)
-        transformer.delete_adapters(TRAIN_ADAPTER)
+        remove_lora(transformer, TRAIN_ADAPTER)
         for p in transformer.parameters():
             p.requires_grad_(False)
         pipe._activate(None)
