@@ -223,6 +223,9 @@ def _scaled_fp8_file(model, path: Path, prefix: str = "") -> None:
 def test_comfy_scaled_fp8_single_file(assets, tmp_path):
     path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
     _scaled_fp8_file(assets["model"], path, prefix="umt5xxl.transformer.")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        assert sum(f.get_slice(k).get_dtype() == "F8_E4M3" for k in f.keys()) == 2 * 7 + 1  # 7 linears/block + marker
     sd, cfg = te.read_umt5_single_file(path, torch.float32)
     assert cfg["d_model"] == 64 and cfg["num_layers"] == 2 and cfg["num_heads"] == 4 and cfg["d_kv"] == 16
     w = assets["model"].state_dict()["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"]
