@@ -33,6 +33,8 @@ def _sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_sc
 
 def load_official():
     """Return ``(model_module, vae2_2_module)`` from the installed ``wan22`` package, or skip."""
+    if "wan.modules.model" in sys.modules and "wan.modules.vae2_2" in sys.modules:
+        return sys.modules["wan.modules.model"], sys.modules["wan.modules.vae2_2"]
     spec = importlib.util.find_spec("wan")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the official Wan2.2 package is not installed (pip install --no-deps wan22)")
