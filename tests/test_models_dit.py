@@ -482,3 +482,56 @@ def test_load_vae_diffusers_folder(tiny_model_dir):
         assert all(torch.equal(got[k], ref[k]) for k in ref)
         assert vae.config.z_dim == 48
     assert load_vae(tiny_model_dir, dtype=torch.bfloat16).encoder.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_load_vae_single_file_matches_official(tmp_path):
+    """Original-layout Wan2.2 VAE files (plain, prefixed, the release's .pth) load via vae_convert."""
+    pytest.importorskip("vbridge_core.vae_convert")
+    _, vae_mod = load_official()
+    official_vae = vae_mod.WanVAE_(dim=16, dec_dim=24, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                   attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in official_vae.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    official_vae.eval()
+    sd = official_vae.state_dict()
+    x = torch.rand(1, 3, 1, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        ref = official_vae.encode(x, scale=[0.0, 1.0])
+    plain = _save(sd, tmp_path / models.VAE_FILE_NAME)
+    prefixed = _save(sd, tmp_path / "prefixed_vae.safetensors", "first_stage_model.")
+    pth = tmp_path / "Wan2.2_VAE.pth"
+    torch.save(sd, pth)
+    for path in (plain, prefixed, pth):
+        vae = load_vae(path)
+        assert vae.config.z_dim == 48 and vae.config.base_dim == 16
+        with torch.no_grad():
+            mu = vae.encode(x).latent_dist.mean
+        assert (mu - ref).abs().max().item() <= 1e-4, path
+
+
+def test_real_5b_shapes_map_completely_onto_the_shipped_config():
+    """The official 5B (built without memory) converts to exactly the diffusers model our config makes."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    wan_model, _ = load_official()
+    with init_empty_weights():
+        official_5b = wan_model.WanModel(model_type="ti2v", in_dim=48, dim=3072, ffn_dim=14336, freq_dim=256,
+                                         text_dim=4096, out_dim=48, num_heads=24, num_layers=30)
+        shapes = {k: tuple(v.shape) for k, v in official_5b.state_dict().items()}
+        info = identify(shapes)
+        assert info.is_ti2v_5b_size and info.description == "Wan2.2 TI2V-5B DiT (dim 3072, 30 layers)"
+        cfg = models.load_transformer_config(info.arch)
+        assert cfg == models.load_transformer_config()     # the tensors agree with the shipped config
+        ours = WanTransformer3DModel.from_config(cfg)
+    mapping = models._original_to_diffusers_names(list(shapes))
+    target = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert set(mapping) == set(target)
+    assert all(shapes[mapping[k]] == target[k] for k in target)

@@ -259,7 +259,7 @@ def _keep_fp32(name: str, modules: list[str] | None) -> bool:
     return bool(modules) and any(m in name.split(".") for m in modules)
 
 
-def _assign_weights(model: torch.nn.Module, ckpt: Checkpoint, mapping: Mapping[str, str], dtype: torch.dtype,
+def _assign_weights(model: torch.nn.Module, ckpt: "Checkpoint | _DictCheckpoint", mapping: Mapping[str, str], dtype: torch.dtype,
                     device: torch.device | str, path: Path, ignore_unexpected: tuple[str, ...] = ()) -> None:
     """Load ``ckpt`` tensors (renamed by ``mapping``: model name -> checkpoint name) into ``model``."""
     expected = set(model.state_dict().keys())
@@ -343,7 +343,9 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     ``path``: the single file in the original Wan2.2 layout (``wan2.2_vae.safetensors``, optionally
     prefixed, or the release's ``Wan2.2_VAE.pth``), a diffusers ``vae/`` folder, or a model root
-    holding ``vae/``. Original keys are converted by :mod:`vbridge_core.vae_convert`.
+    holding ``vae/``. Original keys are converted and the sizes read from the tensors by
+    :mod:`vbridge_core.vae_convert`; the latent mean/std (not stored in checkpoints) come from the
+    folder's ``config.json`` or else the shipped real Wan2.2 values.
     """
     from diffusers import AutoencoderKLWan
 
@@ -355,25 +357,22 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             raise _wrong_model(p, info, "the Wan2.2 VAE", WHERE_VAE, "vae")
         logger.info("loading %s from %s (%s layout, %s) as %s on %s", info.description, p, info.layout,
                     ckpt.describe_storage(), dtype, device)
-        if info.layout == "original":
+        if info.layout == "diffusers" and config is not None and config.get("_class_name") == "AutoencoderKLWan":
+            cfg = config
+            loader: Any = ckpt
+            mapping = {k: k for k in ckpt.keys()}
+        else:  # single file (original or diffusers layout): sizes from the tensors, stats from the shipped config
             from .vae_convert import convert_vae22_to_diffusers, vae22_config_from_state_dict
 
-            original = ckpt.state_dict(dtype=torch.float32)
-            cfg = vae22_config_from_state_dict(original)
-            converted = convert_vae22_to_diffusers(original)
-            del original
+            weights = ckpt.state_dict(dtype=dtype)
+            cfg = vae22_config_from_state_dict(weights)
+            converted = convert_vae22_to_diffusers(weights)
+            del weights
             loader = _DictCheckpoint(converted)
             mapping = {k: k for k in converted}
-        else:
-            if config is not None and config.get("_class_name") == "AutoencoderKLWan":
-                cfg = config
-            else:
-                cfg = _read_json(VAE_CONFIG_FILE)
-            loader = ckpt
-            mapping = {k: k for k in ckpt.keys()}
         with _empty_weights():
             model = AutoencoderKLWan.from_config(_init_kwargs(AutoencoderKLWan, cfg))
-        _assign_weights(model, loader, mapping, dtype, device, p)  # type: ignore[arg-type]
+        _assign_weights(model, loader, mapping, dtype, device, p)
     return model.eval()
 
 
