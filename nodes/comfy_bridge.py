@@ -1,0 +1,100 @@
+"""The only module that touches ComfyUI (``comfy.*``, ``folder_paths``), always lazily.
+
+Outside ComfyUI (pytest, scripts) every function falls back to plain behaviour: tqdm progress,
+no-op cancel checks, and model folders under ``$VBRIDGE_MODELS_DIR`` (default ``./models``).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+#: Our LoRAs live in this subfolder of ComfyUI's ``loras`` folder.
+LORA_SUBFOLDER = "vbridge"
+
+
+def _try_import(name: str) -> Optional[Any]:
+    try:
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - any failure means "not inside ComfyUI"
+        return None
+
+
+def in_comfyui() -> bool:
+    """True when running inside a ComfyUI process (``folder_paths`` and ``comfy`` importable)."""
+    return _try_import("folder_paths") is not None and _try_import("comfy.model_management") is not None
+
+
+class ProgressBar:
+    """ComfyUI's progress bar inside ComfyUI (with an optional preview image), tqdm outside."""
+
+    def __init__(self, total: int, desc: str = "V-Bridge") -> None:
+        self.total = total
+        utils = _try_import("comfy.utils")
+        self._comfy = utils.ProgressBar(total) if utils is not None and in_comfyui() else None
+        self._tqdm = None
+        if self._comfy is None:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=total, desc=desc, leave=False)
+
+    def update_absolute(self, value: int, preview: Any = None) -> None:
+        if self._comfy is not None:
+            self._comfy.update_absolute(value, self.total, preview)
+        elif self._tqdm is not None:
+            self._tqdm.n = value
+            self._tqdm.refresh()
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel; no-op outside ComfyUI."""
+    mm = _try_import("comfy.model_management")
+    if mm is not None and in_comfyui():
+        mm.throw_exception_if_processing_interrupted()
+
+
+def models_root() -> Path:
+    """Root of the model folders outside ComfyUI (``$VBRIDGE_MODELS_DIR`` or ``./models``)."""
+    return Path(os.environ.get("VBRIDGE_MODELS_DIR", "models"))
+
+
+def register_lora_folder() -> None:
+    """Make ``models/loras/vbridge`` known to ComfyUI (it is inside ``loras`` already, so LoraLoader
+    sees our files as ``vbridge/<name>``); creates the folder when possible."""
+    fp = _try_import("folder_paths")
+    base = Path(fp.models_dir) / "loras" / LORA_SUBFOLDER if fp is not None else models_root() / "loras" / LORA_SUBFOLDER
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logger.debug("cannot create %s: %s", base, e)
+
+
+def filename_list(folder: str) -> list[str]:
+    """File names ComfyUI knows in ``folder`` (e.g. ``diffusion_models``, ``vae``, ``loras``)."""
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        return list(fp.get_filename_list(folder))
+    root = models_root() / folder
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*.safetensors"))
+
+
+def full_path(folder: str, name: str) -> Path:
+    """Absolute path of ``name`` in ComfyUI's ``folder``; the plain folder outside ComfyUI."""
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        found = fp.get_full_path(folder, name)
+        if found:
+            return Path(found)
+        dirs = fp.get_folder_paths(folder)
+        return Path(dirs[0] if dirs else folder) / name
+    return models_root() / folder / name
