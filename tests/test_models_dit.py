@@ -19,17 +19,7 @@ from vbridge_core.checkpoints import (KIND_FLUX, KIND_LORA, KIND_SD1, KIND_SDXL,
 from vbridge_core.errors import ModelFileError, WrongModelError
 from vbridge_core.models import load_transformer, load_vae, resolve_model_files
 
-from wan_official import load_official as _load_official_once
-
-
-def load_official():
-    """``wan_official.load_official`` works once per process (a second call fails on the bare ``wan``
-    package it registers), so reuse the modules when another test file loaded them first."""
-    import sys
-
-    if "wan.modules.model" in sys.modules and "wan.modules.vae2_2" in sys.modules:
-        return sys.modules["wan.modules.model"], sys.modules["wan.modules.vae2_2"]
-    return _load_official_once()
+from wan_official import load_official
 
 TEXT_LEN = 8
 FP8 = torch.float8_e4m3fn
@@ -373,6 +363,8 @@ def test_wrong_models_raise_helpful_errors(tmp_path):
         load_transformer(vae)
     with pytest.raises(WrongModelError, match="Wan2.1 T2V.*pass it as the DiT"):
         load_vae(wan21)
+    with pytest.raises(WrongModelError, match="Wan2.1 T2V 14B.*pass it as the DiT"):
+        load_vae(f14)                                                   # prefixed DiT given as the VAE
     wan21_vae = _save(_small_tensors({"encoder.conv1.weight": (8, 3, 3, 3, 3), "decoder.conv1.weight": (8, 16, 3, 3, 3),
                                       "conv1.weight": (32, 32, 1, 1, 1), "conv2.weight": (16, 16, 1, 1, 1)}),
                       tmp_path / "wan_2.1_vae.safetensors")

@@ -377,8 +377,9 @@ ShapesLike = Mapping[str, Any] | Iterable[tuple[str, Any]] | Checkpoint
 
 def _shapes_of(source: ShapesLike) -> dict[str, tuple[int, ...]]:
     if isinstance(source, Checkpoint):
-        return source.shapes()
-    items = source.items() if isinstance(source, Mapping) else source
+        items: Iterable[tuple[str, Any]] = source.shapes().items()
+    else:
+        items = source.items() if isinstance(source, Mapping) else source
     out: dict[str, tuple[int, ...]] = {}
     for k, v in items:
         if isinstance(v, torch.Tensor):
