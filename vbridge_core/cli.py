@@ -99,12 +99,12 @@ def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5) -> dict[str,
         if v is not None:
             kw[name] = v
     kw.update(seed=a.seed, batch_size=a.batch_size, prompt=a.prompt, negative_prompt=a.negative_prompt)
-    if a.preset == "paper" and kw["prompt"] is None:
+    if a.preset == "paper" and a.text_encoder:
+        # with a text encoder the release's own prompt pair is used; without one, the LoRA's embedded pair
         from .presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT
 
+        kw["prompt"] = kw["prompt"] or PAPER_PROMPT
         kw["negative_prompt"] = kw["negative_prompt"] or PAPER_NEGATIVE_PROMPT
-        if a.text_encoder:
-            kw["prompt"] = PAPER_PROMPT
     return kw
 
 

@@ -1,0 +1,160 @@
+"""The command line end to end on the tiny model saved to disk: outputs, settings, help and errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vbridge_core.cli import build_parser, main
+from vbridge_core.images import save_png
+from vbridge_core.lora import LoraLayer, write_lora
+from vbridge_core.tiny import TINY_TRANSFORMER_CONFIG, tiny_prompt_embeds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _random_lora(path: Path, role: str, seed: int, dim: int = 256, layers: int = 2) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    w = {}
+    for i in range(layers):
+        for m in ("attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.2"):
+            out_f, in_f = (dim, TINY_TRANSFORMER_CONFIG["ffn_dim"]) if m == "ffn.net.2" else (dim, dim)
+            w[f"blocks.{i}.{m}"] = LoraLayer(torch.randn(4, in_f, generator=g) * 0.05,
+                                             torch.randn(out_f, 4, generator=g) * 0.05, 4.0)
+    return write_lora(path, w, rank=4, alpha=4, metadata={"role": role, "frames": 5},
+                      prompt_embeds=tiny_prompt_embeds(seed), negative_prompt_embeds=tiny_prompt_embeds(seed + 1))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_in")
+    g = torch.Generator().manual_seed(0)
+    save_png(torch.rand(3, 40, 56, generator=g), d / "a.png")
+    save_png(torch.rand(3, 32, 32, generator=g), d / "b.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_loras")
+    return _random_lora(d / "r.safetensors", "restoration", 1), _random_lora(d / "d.safetensors", "drift_correction", 2)
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["restore", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--dit", "--vae", "--model", "--lora", "--drift-lora", "--frames", "--steps", "--seed",
+                 "--shift", "--solver", "--guidance", "--prompt", "--save-trajectory", "--preset", "--sigma-grid"):
+        assert flag in text
+    assert "default" in text
+
+
+def test_restore_with_drift_writes_pngs_and_settings(tmp_path, tiny_model_dir, inputs, loras):
+    out = tmp_path / "out"
+    rc = main(["restore", str(inputs), "--out", str(out), "--model", str(tiny_model_dir), "--lora", str(loras[0]),
+               "--drift-lora", str(loras[1]), "--steps", "3", "--seed", "5", "--save-trajectory"])
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    for stem in ("a", "b"):
+        for suffix in ("", "_base", "_trajectory", "_base_trajectory"):
+            assert f"{stem}{suffix}.png" in names
+    assert len(list((out / "a_trajectory").glob("frame_*.png"))) == 5
+    from vbridge_core.images import load_image
+
+    assert load_image(out / "a.png").shape == (3, 40, 56)
+    assert load_image(out / "a_trajectory.png").shape == (3, 40, 56 * 5)
+    settings = json.loads((out / "vbridge_settings.json").read_text())
+    assert settings["sampler"]["steps"] == 3 and settings["sampler"]["seed"] == 5
+    assert settings["restore_info"]["adapters"] == {"restoration": 1.0, "drift_correction": 1.0}
+    assert not [p for p in out.rglob("*.tmp*")]
+
+
+def test_single_files_and_paper_preset(tmp_path, tiny_model_dir, inputs, loras):
+    # the DiT and VAE given as files/folders explicitly, and the paper recipe (guidance 6, skipped tail)
+    out = tmp_path / "out"
+    rc = main(["restore", str(inputs / "b.png"), "--out", str(out), "--dit", str(tiny_model_dir / "transformer"),
+               "--vae", str(tiny_model_dir / "vae"), "--lora", str(loras[0]), "--preset", "paper", "--steps", "4"])
+    assert rc == 0
+    s = json.loads((out / "vbridge_settings.json").read_text())["restore_info"]
+    assert s["guidance"] == 6.0 and s["sigma_grid"] == "official" and s["guidance_skip_tail"] == 0.15
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--frames", "6"], "4k+1"),
+    (["--dit", "/nonexistent/wan2.2_ti2v_5B_fp16.safetensors"], "wan2.2_ti2v_5B_fp16.safetensors"),
+])
+def test_errors_are_one_line(tmp_path, tiny_model_dir, inputs, loras, capsys, extra, needle):
+    args = ["restore", str(inputs / "b.png"), "--out", str(tmp_path / "o"), "--lora", str(loras[0]), "--steps", "2"]
+    if "--dit" not in extra:
+        args += ["--model", str(tiny_model_dir)]
+    else:
+        args += ["--vae", str(tiny_model_dir / "vae")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_missing_input_unwritable_out_and_foreign_lora(tmp_path, tiny_model_dir, inputs, loras, capsys):
+    assert main(["restore", str(tmp_path / "nope.png"), "--out", str(tmp_path / "o"), "--model",
+                 str(tiny_model_dir)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["restore", str(inputs / "b.png"), "--out", str(blocker / "sub"), "--model",
+                 str(tiny_model_dir)]) == 2
+    assert "output directory" in capsys.readouterr().err
+    big = _random_lora(tmp_path / "big.safetensors", "restoration", 3, dim=5120, layers=1)
+    assert main(["restore", str(inputs / "b.png"), "--out", str(tmp_path / "o2"), "--model", str(tiny_model_dir),
+                 "--lora", str(big)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "5120" in err
+
+
+def test_cancel_leaves_no_output(tmp_path, tiny_model_dir, inputs, loras):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "vbridge_core", "restore", str(inputs / "a.png"), "--out", str(out),
+                             "--model", str(tiny_model_dir), "--lora", str(loras[0]), "--steps", "5000"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    deadline = time.time() + 120
+    for line in proc.stderr:
+        if "restore: step" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, rest
+    assert "cancelled" in rest
+    assert not list(out.rglob("*.png")) and not list(out.rglob("*.tmp*"))
+
+
+def test_eval(tmp_path, capsys):
+    g = torch.Generator().manual_seed(3)
+    for d in ("r", "h"):
+        (tmp_path / d).mkdir()
+    x = torch.rand(3, 32, 32, generator=g)
+    save_png(x, tmp_path / "h" / "one.png")
+    save_png((x + 0.05).clamp(0, 1), tmp_path / "r" / "one.png")
+    assert main(["eval", str(tmp_path / "r"), str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "mean" in out
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--train-steps", "6", "--steps", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "SMOKE TEST" in out
+    report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
+    assert report["pairs"] == 6
+    assert len(list((tmp_path / "demo").glob("*_compare.png"))) == 6
+    assert (tmp_path / "demo" / "loras" / "demo_drift_correction.safetensors").exists()
