@@ -116,3 +116,20 @@ def test_bad_images(pipe):
         pipe.restore(torch.rand(3, 0, 16), steps=2)
     with pytest.raises(InputError, match="no images"):
         pipe.restore([], steps=2)
+
+
+def test_tiny_and_degenerate_images(pipe):
+    res = pipe.restore([torch.rand(3, 1, 1), torch.rand(3, 5, 7), torch.rand(3, 1, 40)], steps=2)
+    assert [tuple(f.shape) for f in res.final] == [(3, 1, 1), (3, 5, 7), (3, 1, 40)]
+    assert all(torch.isfinite(f).all() for f in res.final)
+
+
+def test_offload_gives_the_same_result(tiny_model_dir):
+    a = VBridgePipeline.from_files(tiny_model_dir, device="cpu")
+    b = VBridgePipeline.from_files(tiny_model_dir, device="cpu", offload=True)
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pe = tiny_prompt_embeds()
+    ra = a.restore(x, steps=3, prompt_embeds=pe).final[0]
+    rb = b.restore(x, steps=3, prompt_embeds=pe)
+    assert rb.info["offload"] is True
+    torch.testing.assert_close(ra, rb.final[0], atol=0, rtol=0)

@@ -65,6 +65,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute precision (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--vae-tiling", action="store_true", help="decode/encode in tiles (large images, low VRAM)")
+    g.add_argument("--offload", action="store_true", help="keep the models in CPU memory and move each to the GPU "
+                   "only while it works (peak VRAM of one model; slower)")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5) -> None:
@@ -144,7 +146,8 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=getattr(a, "lora", None),
                                       lora_strength=getattr(a, "lora_strength", 1.0), drift_lora=a.drift_lora,
                                       drift_strength=a.drift_strength, device=a.device, dtype=_dtype(a.dtype),
-                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling)
+                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling,
+                                      offload=a.offload)
     kw = _sampler_kwargs(a)
     settings: dict[str, Any] = {"inputs": [str(p) for p in paths], "sampler": {k: v for k, v in kw.items()}}
     t0 = time.perf_counter()

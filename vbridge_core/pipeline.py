@@ -8,11 +8,12 @@ LoRA active. Both adapters sit on one base transformer; switching between them r
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -76,7 +77,8 @@ class VBridgePipeline:
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, text_encoder: str | Path | None = None,
-                 tokenizer: str | Path | None = None, vae_tiling: bool = False) -> None:
+                 tokenizer: str | Path | None = None, vae_tiling: bool = False, offload: bool = False) -> None:
+        self.offload = bool(offload)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.transformer = transformer
@@ -99,19 +101,24 @@ class VBridgePipeline:
                    drift_lora: str | Path | None = None, drift_strength: float = 1.0,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    text_encoder: str | Path | None = None, tokenizer: str | Path | None = None,
-                   vae_tiling: bool = False) -> "VBridgePipeline":
-        """Load the DiT and VAE (single files or a diffusers folder) and the optional LoRAs."""
+                   vae_tiling: bool = False, offload: bool = False) -> "VBridgePipeline":
+        """Load the DiT and VAE (single files or a diffusers folder) and the optional LoRAs.
+
+        ``offload=True`` keeps both models in CPU memory and moves each to ``device`` only while it
+        works (the VAE for encode/decode, the DiT for sampling): peak VRAM is one model, not two.
+        """
         from .models import load_transformer, load_vae, resolve_model_files
 
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         dit_path, vae_path = resolve_model_files(model_dir=model_dir, dit=dit, vae=vae)
         t0 = time.perf_counter()
-        transformer = load_transformer(dit_path, dtype=dt, device=dev)
-        vae_model = load_vae(vae_path, dtype=torch.float32 if dev.type == "cpu" else dt, device=dev)
+        home = torch.device("cpu") if offload else dev
+        transformer = load_transformer(dit_path, dtype=dt, device=home)
+        vae_model = load_vae(vae_path, dtype=torch.float32 if dev.type == "cpu" else dt, device=home)
         logger.info("loaded DiT %s and VAE %s in %.1f s", dit_path, vae_path, time.perf_counter() - t0)
         pipe = cls(transformer, vae_model, device=dev, dtype=dt, text_encoder=text_encoder, tokenizer=tokenizer,
-                   vae_tiling=vae_tiling)
+                   vae_tiling=vae_tiling, offload=offload)
         if lora:
             pipe.load_lora(lora, role="restoration", strength=lora_strength)
         if drift_lora:
@@ -184,13 +191,28 @@ class VBridgePipeline:
 
         return encode_prompt(text, self.text_encoder, tokenizer=self.tokenizer, device=self.device, dtype=self.dtype)
 
+    # ------------------------------------------------------------------ placement
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Run a block with ``module`` on the compute device; with offload, move it back afterwards."""
+        if self.offload:
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if self.offload:
+                module.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ VAE
     @torch.no_grad()
     def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
         """VAE latent of the images as a 1-frame video, normalised: ``[B, 48, 1, h, w]``."""
         vae_dtype = next(self.vae.parameters()).dtype
         x = (images * 2 - 1).unsqueeze(2).to(self.device, vae_dtype)
-        z = self.vae.encode(x).latent_dist.mode().float()
+        with self._on_device(self.vae):
+            z = self.vae.encode(x).latent_dist.mode().float()
         return (z - self._lat_mean.to(z.device)) / self._lat_std.to(z.device)
 
     @torch.no_grad()
@@ -198,7 +220,8 @@ class VBridgePipeline:
         """Decode normalised latents to pixel frames ``[B, 3, F, H, W]`` in 0..1 (float32)."""
         vae_dtype = next(self.vae.parameters()).dtype
         z = latents.float() * self._lat_std.to(latents.device) + self._lat_mean.to(latents.device)
-        video = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
+        with self._on_device(self.vae):
+            video = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
         return (video.float() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ sampling
@@ -272,8 +295,9 @@ class VBridgePipeline:
                                           overall_total=total_steps)
                         callback(info)
 
-                lat = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
-                             callback=step_cb, should_cancel=should_cancel)
+                with self._on_device(self.transformer):
+                    lat = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
+                                 callback=step_cb, should_cancel=should_cancel)
                 done_steps += settings.steps * len(chunk)
                 video = self.decode(lat)  # [b, 3, F, H, W]
                 for j, (idx, _, pad) in enumerate(chunk):
@@ -284,7 +308,7 @@ class VBridgePipeline:
         seconds = time.perf_counter() - t_start
         info = dict(role=role, frames=frames, steps=steps, seed=seed, shift=shift, solver=solver,
                     sigma_grid=sigma_grid, guidance=guidance, guidance_skip_tail=guidance_skip_tail,
-                    batch_size=batch_size, images=len(imgs), seconds=round(seconds, 3),
+                    batch_size=batch_size, images=len(imgs), seconds=round(seconds, 3), offload=self.offload,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                     adapters={r: a["strength"] for r, a in self.adapters.items()})
         if self.device.type == "cuda":
