@@ -13,43 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .cli_common import collect_inputs as _collect_inputs, parse_dtype as _dtype
 from .errors import Cancelled, InputError, VBridgeError
 
 logger = logging.getLogger("vbridge_core")
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def _collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Expand files and folders (non-recursive) into a sorted list of image paths."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
-            if not found:
-                raise InputError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)})")
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise InputError(f"input {p} does not exist: give image files or folders of images")
-    stems = [p.stem for p in paths]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise InputError(f"several inputs share the name(s) {dup}: outputs would overwrite each other; rename them")
-    return paths
-
-
-def _dtype(name: Optional[str]):
-    import torch
-
-    if name is None:
-        return None
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    return table[name]
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model files (nothing is downloaded)")
@@ -198,35 +165,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(a: argparse.Namespace) -> int:
-    from .images import load_image
-    from .pipeline import VBridgePipeline
-    from .training.trainer import TrainConfig, train_lora
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .training.cli import cmd_train
 
-    root = Path(a.pairs)
-    lq_dir, hq_dir = root / "lq", root / "hq"
-    if not lq_dir.is_dir() or not hq_dir.is_dir():
-        raise InputError(f"{root} must contain lq/ and hq/ folders with matching file names")
-    lqs = {p.stem: p for p in _collect_inputs([str(lq_dir)])}
-    hqs = {p.stem: p for p in _collect_inputs([str(hq_dir)])}
-    if set(lqs) != set(hqs):
-        raise InputError(f"unmatched pairs: only in lq/: {sorted(set(lqs) - set(hqs))[:10]}, "
-                         f"only in hq/: {sorted(set(hqs) - set(lqs))[:10]}")
-    pairs = [(load_image(lqs[s]), load_image(hqs[s])) for s in sorted(lqs)]
-    pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=a.device, dtype=_dtype(a.dtype),
-                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer)
-    from .presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT
-
-    prompt = a.prompt or PAPER_PROMPT
-    pos = pipe._encode(prompt)
-    neg = pipe._encode(PAPER_NEGATIVE_PROMPT)
-    cfg = TrainConfig(steps=a.steps, rank=a.rank, alpha=a.alpha or float(a.rank), learning_rate=a.lr,
-                      frames=a.frames, shift=a.shift, resolution=a.resolution, seed=a.seed)
-    res = train_lora(pipe, pairs, cfg, a.out, prompt_embeds=pos, negative_prompt_embeds=neg,
-                     metadata={"prompt": prompt, "negative_prompt": PAPER_NEGATIVE_PROMPT},
-                     callback=lambda s, l: s % max(1, cfg.steps // 20) == 0 and logger.info("step %d loss %.4f", s, l))
-    logger.info("wrote %s (%d steps, final loss %.4f)", res.path, len(res.losses), res.losses[-1])
-    return 0
+    return cmd_train(a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -266,20 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     _add_sampler_args(d)
 
-    t = sub.add_parser("train", help="train a restoration LoRA from LQ/HQ pairs", formatter_class=fmt)
-    t.add_argument("--pairs", required=True, metavar="DIR", help="folder with lq/ and hq/ (matching file names)")
-    t.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors)")
-    t.add_argument("--steps", type=int, default=400, help="training steps")
-    t.add_argument("--rank", type=int, default=32, help="LoRA rank")
-    t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-    t.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
-    t.add_argument("--frames", type=int, default=5, help="pseudo-video length F = 4k+1")
-    t.add_argument("--shift", type=float, default=5.0, help="flow shift of the noise-level sampling")
-    t.add_argument("--resolution", type=int, default=None, help="square crop side, multiple of 32 (default: "
-                   "largest multiple of 32 that fits, at most 512)")
-    t.add_argument("--seed", type=int, default=0, help="seed")
-    t.add_argument("--prompt", default=None, help="training prompt (default: the V-Bridge release prompt)")
-    _add_model_args(t)
+    from .training.cli import add_train_parser
+
+    add_train_parser(sub, _add_model_args)
 
     e = sub.add_parser("eval", help="PSNR/SSIM of restored images against references (matching names)",
                        formatter_class=fmt)
@@ -304,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("diffusers", "transformers", "peft", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
-                "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+                "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:

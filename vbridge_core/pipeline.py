@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from . import trajectory
-from .errors import InputError, VBridgeError
+from .errors import InputError
 from .sampler import SamplerSettings, StepCallback, sample
 
 logger = logging.getLogger(__name__)
