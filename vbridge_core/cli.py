@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .cli_common import collect_inputs as _collect_inputs, parse_dtype as _dtype
+from .cli_common import HelpFormatter, collect_inputs as _collect_inputs, parse_dtype as _dtype
 from .errors import Cancelled, InputError, VBridgeError
 
 logger = logging.getLogger("vbridge_core")
@@ -179,7 +179,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="python -m vbridge_core", description="V-Bridge: few-shot image restoration with "
                                 "the Wan2.2-TI2V-5B video diffusion transformer.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -1,6 +1,7 @@
 """Helpers shared by the CLI subcommands: input collection and dtype names."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,3 +41,13 @@ def parse_dtype(name: Optional[str]):
     return table[name]
 
 
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where the help text does not already say it and X is meaningful."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return text + " (default: %(default)s)"

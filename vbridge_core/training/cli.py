@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from ..cli_common import collect_inputs, parse_dtype
+from ..cli_common import HelpFormatter, collect_inputs, parse_dtype
 from ..errors import InputError
 
 logger = logging.getLogger("vbridge_core")
@@ -14,7 +14,7 @@ logger = logging.getLogger("vbridge_core")
 
 def add_train_parser(sub, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register ``train`` on the CLI's subparsers."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     t = sub.add_parser("train", help="train a restoration LoRA from LQ/HQ pairs", formatter_class=fmt)
     t.add_argument("--pairs", required=True, metavar="DIR", help="folder with lq/ and hq/ (matching file names)")
     t.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors)")
