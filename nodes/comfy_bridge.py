@@ -9,7 +9,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -98,3 +98,66 @@ def full_path(folder: str, name: str) -> Path:
         dirs = fp.get_folder_paths(folder)
         return Path(dirs[0] if dirs else folder) / name
     return models_root() / folder / name
+
+
+def torch_device() -> Optional[Any]:
+    """ComfyUI's compute device inside ComfyUI; ``None`` outside (callers pick CUDA if available, else CPU).
+
+    Queried when called (at execution), never at import.
+    """
+    mm = _try_import("comfy.model_management")
+    if mm is not None and in_comfyui():
+        return mm.get_torch_device()
+    return None
+
+
+def make_room() -> None:
+    """Inside ComfyUI: unload ComfyUI's own models from the GPU before our model runs.
+
+    ComfyUI's memory manager does not see our model, so models it keeps resident (the umt5 text
+    encoder after CLIPTextEncode, for instance) would compete with ours for VRAM. ComfyUI reloads
+    them when a later node needs them. No-op outside ComfyUI.
+    """
+    mm = _try_import("comfy.model_management")
+    if mm is not None and in_comfyui():
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+
+def latent_previewer() -> Optional[Callable[[Any], Any]]:
+    """A function turning a normalised Wan2.2 latent ``[B, 48, T, h, w]`` into a ProgressBar preview.
+
+    Inside ComfyUI it uses ComfyUI's own previewer for its ``Wan22`` latent format (TAESD or the
+    cheap ``latent_rgb_factors`` projection, as the user's preview setting says) on the last latent
+    frame. Returns ``None`` outside ComfyUI or when previews are switched off. A failing preview
+    is logged once and then skipped; it never stops sampling.
+    """
+    if not in_comfyui():
+        return None
+    lp = _try_import("latent_preview")
+    formats = _try_import("comfy.latent_formats")
+    if lp is None or formats is None or not hasattr(formats, "Wan22"):
+        return None
+    fmt = formats.Wan22()
+    try:
+        previewer = lp.get_previewer(torch_device(), fmt)
+    except Exception as e:  # noqa: BLE001 - e.g. a TAESD file that does not fit: fall back to rgb factors
+        logger.debug("ComfyUI previewer unavailable (%s); using latent_rgb_factors", e)
+        previewer = None
+        if getattr(fmt, "latent_rgb_factors", None) is not None and hasattr(lp, "Latent2RGBPreviewer"):
+            previewer = lp.Latent2RGBPreviewer(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+    if previewer is None:
+        return None
+    failed = []
+
+    def preview(latents: Any) -> Any:
+        if failed:
+            return None
+        try:
+            return previewer.decode_latent_to_preview_image("JPEG", latents[:1, :, -1:])
+        except Exception as e:  # noqa: BLE001 - previews are best effort
+            failed.append(e)
+            logger.warning("latent preview failed (%s); continuing without previews", e)
+            return None
+
+    return preview

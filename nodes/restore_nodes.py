@@ -1,0 +1,200 @@
+"""``RestoreTrajectory`` and ``DriftCorrect``: run the V-Bridge pipeline on a ComfyUI IMAGE batch.
+
+The nodes only convert between ComfyUI types and the pipeline's tensors, report per-step progress
+(with a latent preview of the last frame inside ComfyUI) and let ComfyUI's Cancel stop sampling
+within one step: the pipeline polls ``comfy_bridge.throw_if_interrupted`` before every step, and
+ComfyUI's interrupt exception propagates unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from . import comfy_bridge
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "V-Bridge"
+SOLVERS = ["unipc", "euler"]
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+_MODEL_TIP = "The model from 'V-Bridge Load Model'."
+_IMAGE_TIP = "Degraded image(s) to restore. All images of one batch share a size (ComfyUI batches do)."
+_FRAMES_TIP = ("Frames of the pseudo-video from the degraded image (frame 0) to the restored one (last frame): "
+               "4k+1, at least 5. Use what the LoRA was trained with (5 in the paper); more frames cost more time.")
+_STEPS_TIP = "Sampling steps (50 as in the paper; fewer is faster and usually a little softer)."
+_SEED_TIP = "Noise seed. Image i of the batch uses seed + i, so results do not depend on the batch size."
+
+
+def _frames_input() -> tuple[str, dict[str, Any]]:
+    return ("INT", {"default": 5, "min": 5, "max": 81, "step": 4, "tooltip": _FRAMES_TIP})
+
+
+def _steps_input() -> tuple[str, dict[str, Any]]:
+    return ("INT", {"default": 50, "min": 1, "max": 200, "tooltip": _STEPS_TIP})
+
+
+def _seed_input() -> tuple[str, dict[str, Any]]:
+    return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": _SEED_TIP})
+
+
+def _check_model(model: Any) -> None:
+    from vbridge_core.errors import InputError
+
+    if not (hasattr(model, "run") and hasattr(model, "adapters")):
+        raise InputError(f"vbridge_model must come from 'V-Bridge Load Model', got {type(model).__name__}")
+
+
+def _embeds_from_conditioning(conditioning: Any, model: Any, what: str) -> Optional[Any]:
+    """The prompt embedding tensor of a ComfyUI CONDITIONING (``[[tensor [1, L, 4096], {...}], ...]``)."""
+    from vbridge_core.errors import InputError
+    from vbridge_core.runtime import prepare_prompt_embeds
+
+    if conditioning is None:
+        return None
+    try:
+        tensor = conditioning[0][0]
+    except (TypeError, IndexError, KeyError):
+        raise InputError(f"{what}: expected a CONDITIONING from CLIPTextEncode (CLIPLoader type 'wan')") from None
+    if len(conditioning) > 1:
+        logger.warning("%s holds %d entries; V-Bridge uses the first one", what, len(conditioning))
+    return prepare_prompt_embeds(tensor, int(model.transformer.config.text_dim), what)
+
+
+def run_on_comfy_images(model: Any, image: Any, role: str, **settings: Any) -> tuple[Any, Any, Any]:
+    """Run ``model`` (restore or drift-correct per ``role``) on a ComfyUI IMAGE batch.
+
+    Returns ``(final IMAGE [B, H, W, 3], trajectory IMAGE [B*F, H, W, 3], RestoreResult)``.
+    Progress goes to ComfyUI's progress bar (tqdm outside ComfyUI); Cancel stops within one step.
+    """
+    import torch
+
+    from vbridge_core.images import bchw_to_comfy, comfy_to_bchw
+
+    _check_model(model)
+    x = comfy_to_bchw(image)
+    bar = comfy_bridge.ProgressBar(int(settings["steps"]) * x.shape[0], desc=f"V-Bridge {role}")
+    preview = comfy_bridge.latent_previewer()
+
+    def should_cancel() -> bool:
+        comfy_bridge.throw_if_interrupted()  # raises ComfyUI's interrupt exception itself
+        return False
+
+    def callback(info: Any) -> None:
+        shot = preview(info.denoised) if preview is not None else None
+        bar.update_absolute(int(info.extra.get("overall_step", info.step)), shot)
+
+    comfy_bridge.make_room()
+    try:
+        fn = model.restore if role == "restoration" else model.drift_correct
+        result = fn(x, return_trajectory=True, callback=callback, should_cancel=should_cancel, **settings)
+    finally:
+        bar.close()
+    final = bchw_to_comfy(torch.stack(result.final))
+    traj = bchw_to_comfy(torch.cat(result.trajectory))
+    return final, traj, result
+
+
+class RestoreTrajectory:
+    """Restore images by generating the LQ -> HQ pseudo-video and keeping its last frame."""
+
+    DESCRIPTION = (
+        "V-Bridge restoration: the degraded image becomes frame 0 of a short pseudo-video and the "
+        "restoration LoRA makes Wan2.2-TI2V-5B generate the path to the clean image; the last frame is the "
+        "result.\n\nOutputs the restored images, every frame of every trajectory (B x frames images, in "
+        "order) and a text with the settings, time and peak memory. The prompt embedded in the LoRA is used "
+        "unless 'conditioning' is connected.")
+    CATEGORY = CATEGORY
+    FUNCTION = "restore"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("restored", "trajectory", "info")
+    OUTPUT_TOOLTIPS = (
+        "Restored images, same batch size and size as the input.",
+        "All frames of each trajectory, image after image (B x frames images): frame 0 is the input, the last the result.",
+        "Settings, seconds and peak GPU memory of this run.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        """Model, images and sampler settings; optional text conditioning overrides the LoRA's prompt."""
+        return {
+            "required": {
+                "vbridge_model": ("VBRIDGE_MODEL", {"tooltip": _MODEL_TIP}),
+                "image": ("IMAGE", {"tooltip": _IMAGE_TIP}),
+                "frames": _frames_input(),
+                "steps": _steps_input(),
+                "seed": _seed_input(),
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": (
+                    "Flow-matching timestep shift (Wan default 5.0). Higher spends more steps at high noise.")}),
+                "solver": (SOLVERS, {"default": "unipc", "tooltip": (
+                    "unipc: Wan's default multistep solver. euler: first-order flow-matching Euler.")}),
+                "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": (
+                    "Classifier-free guidance. 1.0 = one model call per step (fast, the V-Bridge default); above 1 "
+                    "adds a negative-prompt pass (the LoRA's embedded negative prompt, or 'negative').")}),
+            },
+            "optional": {
+                "conditioning": ("CONDITIONING", {"tooltip": (
+                    "Optional prompt from CLIPTextEncode with a umt5-xxl text encoder (CLIPLoader type 'wan'); "
+                    "overrides the prompt embedded in the LoRA.")}),
+                "negative": ("CONDITIONING", {"tooltip": (
+                    "Optional negative prompt (CLIPLoader type 'wan'), used when guidance > 1; overrides the "
+                    "LoRA's embedded negative prompt.")}),
+            },
+        }
+
+    def restore(self, vbridge_model: Any, image: Any, frames: int, steps: int, seed: int, shift: float, solver: str,
+                guidance: float, conditioning: Any = None, negative: Any = None) -> tuple[Any, Any, str]:
+        """Restore ``image`` and return ``(restored, trajectory, info)``."""
+        from vbridge_core.runtime import format_info
+
+        _check_model(vbridge_model)
+        pos = _embeds_from_conditioning(conditioning, vbridge_model, "conditioning")
+        neg = _embeds_from_conditioning(negative, vbridge_model, "negative") if guidance > 1.0 else None
+        if negative is not None and guidance <= 1.0:
+            logger.info("negative conditioning ignored: guidance is 1.0 (no negative pass)")
+        final, traj, result = run_on_comfy_images(
+            vbridge_model, image, "restoration", frames=int(frames), steps=int(steps), seed=int(seed),
+            shift=float(shift), solver=solver, guidance=float(guidance), prompt_embeds=pos, negative_prompt_embeds=neg)
+        return final, traj, format_info(result.info, getattr(vbridge_model, "runtime", None))
+
+
+class DriftCorrect:
+    """Refine restored images with the drift-correction LoRA loaded in 'V-Bridge Load Model'."""
+
+    DESCRIPTION = (
+        "V-Bridge drift correction: runs a short trajectory from an already restored image with the "
+        "drift-correction LoRA, removing the colour and detail drift the first pass can leave. Needs a "
+        "drift-correction LoRA chosen in 'V-Bridge Load Model' (drift_lora).")
+    CATEGORY = CATEGORY
+    FUNCTION = "correct"
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("corrected", "trajectory")
+    OUTPUT_TOOLTIPS = (
+        "Corrected images, same batch size and size as the input.",
+        "All frames of each correction trajectory, image after image (B x frames images).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        """Model, restored images and the short-trajectory settings."""
+        return {
+            "required": {
+                "vbridge_model": ("VBRIDGE_MODEL", {"tooltip": _MODEL_TIP + " It must have a drift-correction LoRA."}),
+                "image": ("IMAGE", {"tooltip": "Restored image(s) to refine, e.g. the output of 'V-Bridge Restore (Trajectory)'."}),
+                "frames": _frames_input(),
+                "steps": _steps_input(),
+                "seed": _seed_input(),
+            }
+        }
+
+    def correct(self, vbridge_model: Any, image: Any, frames: int, steps: int, seed: int) -> tuple[Any, Any]:
+        """Drift-correct ``image`` and return ``(corrected, trajectory)``."""
+        from vbridge_core.errors import InputError
+
+        _check_model(vbridge_model)
+        if "drift_correction" not in vbridge_model.adapters:
+            raise InputError("this V-Bridge model has no drift-correction LoRA: pick one as 'drift_lora' in "
+                             "'V-Bridge Load Model' (a LoRA trained for drift correction, in models/loras/vbridge/)")
+        final, traj, _ = run_on_comfy_images(vbridge_model, image, "drift_correction", frames=int(frames),
+                                             steps=int(steps), seed=int(seed))
+        return final, traj
