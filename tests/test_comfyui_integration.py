@@ -1,0 +1,309 @@
+"""Opt-in: run every shipped workflow in a real ComfyUI server (CPU, tiny models).
+
+Runs only when ``COMFYUI_PATH`` points at a ComfyUI checkout whose requirements (and ours) are
+installed in the Python running pytest (or in ``COMFYUI_PYTHON``)::
+
+    COMFYUI_PATH=~/ComfyUI python -m pytest -q tests/test_comfyui_integration.py
+
+What it does: starts ``main.py --cpu`` on a free loopback port with a temporary base directory
+(``--base-directory``: custom_nodes/ holds a link to this pack, input/ the test images, output/
+the results) and a temporary ``--extra-model-paths-config`` whose models folder holds tiny
+random-weight Wan2.2 files under the real names (DiT in diffusers keys, VAE in the original Wan
+keys) plus tiny V-Bridge LoRAs; reads ``/object_info``; converts each workflows/*.json from the UI
+format to the API format with those definitions (widgets_values -> named inputs, links ->
+``[node_id, slot]``, virtual note nodes dropped); queues it with ``POST /prompt`` (steps lowered to
+``VBRIDGE_IT_STEPS``, default 2, to stay fast) and polls ``/history`` until it finishes; then
+checks it succeeded and produced images. Nothing is written inside the ComfyUI checkout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+STARTUP_TIMEOUT_S = float(os.environ.get("VBRIDGE_IT_STARTUP_S", "240"))
+RUN_TIMEOUT_S = float(os.environ.get("VBRIDGE_IT_RUN_S", "600"))
+STEPS = int(os.environ.get("VBRIDGE_IT_STEPS", "2"))
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file(),
+    reason="set COMFYUI_PATH to a ComfyUI checkout (with its requirements installed) to run workflows in ComfyUI",
+)
+
+#: Frontend-only nodes: never sent to the server.
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+OUR_NODES = {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics"}
+
+
+# --------------------------------------------------------------------------------------------
+# UI format -> API format
+# --------------------------------------------------------------------------------------------
+
+
+def _is_widget(spec: list) -> bool:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("forceInput"):
+        return False
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _ui_extras(name: str, spec: list) -> int:
+    """How many UI-only values the frontend stores after this widget's value."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    extra = 0
+    if opts.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+        extra += 1
+    if any(k.endswith("_upload") and v for k, v in opts.items()):  # image_upload, video_upload, ...
+        extra += 1
+    return extra
+
+
+def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """Convert a UI-format (0.4) workflow into an API prompt using the server's node definitions."""
+    links = {l[0]: l for l in workflow["links"]}
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    prompt: dict[str, Any] = {}
+    for n in workflow["nodes"]:
+        if n["type"] in VIRTUAL_NODES:
+            continue
+        assert n.get("mode", 0) == 0, f"node {n['id']} is muted/bypassed; the converter does not rewire those"
+        info = object_info.get(n["type"])
+        assert info is not None, f"the server has no node {n['type']!r}"
+        order = info.get("input_order") or {sec: list(info["input"].get(sec, {})) for sec in ("required", "optional")}
+        values = list(n.get("widgets_values") or [])
+        inputs: dict[str, Any] = {}
+        i = 0
+        for sec in ("required", "optional"):
+            for name in order.get(sec, []):
+                spec = info["input"][sec][name]
+                if not _is_widget(spec):
+                    continue
+                if i < len(values):
+                    inputs[name] = values[i]
+                i += 1 + _ui_extras(name, spec)
+        for inp in n.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            _, src, src_slot, _, _, _ = links[inp["link"]][:6]
+            assert nodes[src]["type"] not in VIRTUAL_NODES, "links from virtual nodes are not supported"
+            inputs[inp["name"]] = [str(src), src_slot]
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs,
+                                "_meta": {"title": n.get("title") or n["type"]}}
+    return prompt
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny model files
+# --------------------------------------------------------------------------------------------
+
+
+def _write_models(models: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from vbridge_core.lora import LoraLayer, write_lora
+    from vbridge_core.tiny import build_tiny_transformer, build_tiny_vae, tiny_prompt_embeds
+    from vbridge_core.vae_convert import convert_vae22_from_diffusers
+
+    for sub in ("diffusion_models", "vae", "loras/vbridge"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    dit = build_tiny_transformer(0)
+    # diffusers keys in one file, named like the real DiT: our loader identifies it by its tensors
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
+              str(models / "diffusion_models" / "wan2.2_ti2v_5B_fp16.safetensors"))
+    vae_sd = {k: v.contiguous() for k, v in build_tiny_vae(1).state_dict().items()}
+    # the original Wan2.2 VAE key layout, as in Comfy-Org's repackaged wan2.2_vae.safetensors
+    save_file({k: v.contiguous() for k, v in convert_vae22_from_diffusers(vae_sd).items()},
+              str(models / "vae" / "wan2.2_vae.safetensors"))
+    prompt = tiny_prompt_embeds()
+    for role, name, seed in (("restoration", "denoise", 1), ("drift_correction", "denoise_drift", 2)):
+        g = torch.Generator().manual_seed(seed)
+        layers = {}
+        for mod_name, mod in dit.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mod_name.startswith("blocks.") and ".attn" in mod_name:
+                layers[mod_name] = LoraLayer(down=torch.randn(4, mod.in_features, generator=g) * 0.02,
+                                             up=torch.randn(mod.out_features, 4, generator=g) * 0.02, alpha=4.0)
+        write_lora(models / "loras" / "vbridge" / f"{name}.safetensors", layers, rank=4, alpha=4.0,
+                   metadata={"role": role, "frames": 5, "base_model": "vbridge-tiny"}, prompt_embeds=prompt)
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, base: Path):
+        self.url, self.proc, self.log, self.base = url, proc, log, base
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def get(self, path: str, timeout: float = 30) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read().decode())
+
+    def post(self, path: str, body: dict, timeout: float = 30) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read().decode())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode() or "{}")
+
+
+def _supported_flags(comfy: Path) -> str:
+    try:
+        return (comfy / "comfy" / "cli_args.py").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy = Path(COMFYUI_PATH).resolve()
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = tmp_path_factory.mktemp("comfy_models")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-VBridge").symlink_to(ROOT, target_is_directory=True)
+    (base / "input").mkdir()
+    samples = ROOT / "vbridge_core" / "assets" / "samples" / "denoise"
+    shutil.copy(samples / "lq" / "shapes.png", base / "input" / "degraded.png")
+    shutil.copy(samples / "hq" / "shapes.png", base / "input" / "reference.png")
+    _write_models(models)
+    yaml = base / "extra_model_paths.yaml"
+    yaml.write_text(
+        "vbridge_integration_test:\n"
+        f"    base_path: {models}\n"
+        "    diffusion_models: diffusion_models\n"
+        "    vae: vae\n"
+        "    loras: loras\n"
+    )
+    port = _free_port()
+    flags = _supported_flags(comfy)
+    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+           "--port", str(port), "--base-directory", str(base), "--extra-model-paths-config", str(yaml)]
+    for flag, extra in (("--disable-auto-launch", []), ("--disable-api-nodes", []),
+                        ("--database-url", ["sqlite:///:memory:"])):
+        if f'"{flag}"' in flags:
+            cmd += [flag, *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    log = base / "comfyui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=comfy, stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log, base)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode} during start:\n{srv.log_tail()}")
+            try:
+                srv.get("/system_stats", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S:.0f} s:\n{srv.log_tail()}")
+                time.sleep(1.0)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict[str, Any]:
+    return server.get("/object_info", timeout=120)
+
+
+def test_pack_loads_in_comfyui(server, object_info):
+    missing = OUR_NODES - set(object_info)
+    assert not missing, f"nodes missing from /object_info: {sorted(missing)}\n{server.log_tail()}"
+    failed = [l for l in server.log.read_text(errors="replace").splitlines() if "IMPORT FAILED" in l and "ComfyUI-VBridge" in l]
+    assert not failed, f"{failed}\n{server.log_tail()}"
+    loader = object_info["LoadVBridge"]["input"]["required"]
+    assert "wan2.2_ti2v_5B_fp16.safetensors" in loader["dit"][0], "the extra model paths' DiT must be listed"
+    assert "vbridge/denoise.safetensors" in loader["restoration_lora"][0]
+
+
+def test_converter_maps_widgets_by_name(object_info):
+    wf = json.loads((ROOT / "workflows" / "restore_image.json").read_text())
+    api = ui_to_api(wf, object_info)
+    restore = next(v for v in api.values() if v["class_type"] == "RestoreTrajectory")
+    assert restore["inputs"]["seed"] == 0 and restore["inputs"]["shift"] == 5.0 and restore["inputs"]["solver"] == "unipc"
+    load = next(v for v in api.values() if v["class_type"] == "LoadImage")
+    assert load["inputs"] == {"image": "degraded.png"}
+    assert all(v["class_type"] != "MarkdownNote" for v in api.values())
+
+
+def _run(server: Server, prompt: dict[str, Any]) -> dict[str, Any]:
+    status, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert status == 200 and body.get("prompt_id"), f"/prompt refused the workflow ({status}): {json.dumps(body)[:3000]}"
+    assert not body.get("node_errors"), body["node_errors"]
+    pid = body["prompt_id"]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"ComfyUI died while running:\n{server.log_tail()}")
+        hist = server.get(f"/history/{pid}")
+        entry = hist.get(pid)
+        if entry and entry.get("status", {}).get("completed") is not None and (
+                entry["status"].get("completed") or entry["status"].get("status_str") == "error"):
+            return entry
+        time.sleep(1.0)
+    pytest.fail(f"workflow did not finish within {RUN_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs_in_comfyui(server, object_info, path):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    prompt = ui_to_api(wf, object_info)
+    for node in prompt.values():
+        if node["class_type"] in OUR_NODES and "steps" in node["inputs"]:
+            node["inputs"]["steps"] = min(node["inputs"]["steps"], STEPS)
+    entry = _run(server, prompt)
+    status = entry["status"]
+    assert status.get("status_str") == "success" and status.get("completed"), \
+        f"{path.name} failed: {json.dumps(status.get('messages'))[:4000]}\n{server.log_tail()}"
+    outputs = entry.get("outputs", {})
+    image_nodes = [nid for nid, n in prompt.items() if n["class_type"] in ("SaveImage", "PreviewImage")]
+    assert image_nodes
+    for nid in image_nodes:
+        images = outputs.get(nid, {}).get("images", [])
+        assert images, f"{path.name}: node {nid} ({prompt[nid]['_meta']['title']}) produced no image"
+        for im in images:
+            folder = {"output": "output", "temp": "temp"}[im["type"]]
+            f = server.base / folder / im.get("subfolder", "") / im["filename"]
+            assert f.is_file() and f.stat().st_size > 0, f
+    for nid, n in prompt.items():
+        if n["class_type"] == "PreviewAny":
+            text = outputs.get(nid, {}).get("text", [])
+            assert text and text[0] and text[0] != "None", f"{path.name}: node {nid} shows no text"
