@@ -57,7 +57,7 @@ def run_demo(out: Path, train_steps: int = 60, steps: int = 20, seed: int = 0) -
     loras = ensure_writable_dir(out / "loras")
 
     logger.info("training the restoration LoRA on %d sample pairs (%d steps)", len(samples), train_steps)
-    cfg = TrainConfig(steps=train_steps, rank=16, alpha=16, learning_rate=2e-3, seed=seed)
+    cfg = TrainConfig(steps=train_steps, rank=16, alpha=16, learning_rate=2e-3, seed=seed, crops_per_pair=2)
     rest = train_lora(pipe, list(zip(lqs, hqs)), cfg, loras / "demo_restoration.safetensors", prompt_embeds=prompt,
                       metadata={"prompt": "(tiny demo prompt embedding)", "base_model": "vbridge-tiny"})
     pipe.load_lora(rest.path)
@@ -65,7 +65,7 @@ def run_demo(out: Path, train_steps: int = 60, steps: int = 20, seed: int = 0) -
 
     logger.info("training the drift-correction LoRA on the restored outputs (%d steps)", train_steps)
     dcfg = TrainConfig(steps=train_steps, rank=16, alpha=16, learning_rate=2e-3, seed=seed + 1,
-                       role="drift_correction")
+                       role="drift_correction", crops_per_pair=2)
     drift = train_lora(pipe, list(zip(restored.final, hqs)), dcfg, loras / "demo_drift_correction.safetensors",
                        prompt_embeds=prompt, metadata={"base_model": "vbridge-tiny"})
     pipe.load_lora(drift.path)

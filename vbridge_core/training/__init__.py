@@ -1,1 +1,1 @@
-"""Training of V-Bridge LoRAs: flow matching on LQ -> HQ pseudo-videos (see ``trainer``)."""
+"""Training of V-Bridge LoRAs: flow matching on LQ -> HQ pseudo-videos (entry points in ``trainer``)."""

@@ -1,12 +1,29 @@
-"""``python -m vbridge_core train``: the training subcommand (parser and handler)."""
+"""``python -m vbridge_core train``: train a restoration LoRA, or (``--mode drift``) its drift-correction LoRA.
+
+Single GPU::
+
+    python -m vbridge_core train --pairs data/ --out models/loras/vbridge/my_restore.safetensors \\
+        --model Wan2.2-TI2V-5B-Diffusers --text-encoder umt5_xxl_fp16.safetensors --stages 512:400,720:300,960:300
+    python -m vbridge_core train --mode drift --pairs data/ --restoration-lora models/loras/vbridge/my_restore.safetensors \\
+        --out models/loras/vbridge/my_drift.safetensors --model Wan2.2-TI2V-5B-Diffusers --stages 960:300
+
+Several GPUs (data parallel; each process takes its slice of every global batch)::
+
+    accelerate launch --num_processes 4 -m vbridge_core train --pairs data/ --out ... (same flags)
+
+Ctrl-C writes a checkpoint at the next step boundary and exits; ``--resume auto`` continues it.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from ..cli_common import HelpFormatter, collect_inputs, parse_dtype
+import torch
+
+from ..cli_common import HelpFormatter, parse_dtype
 from ..errors import InputError
 
 logger = logging.getLogger("vbridge_core")
@@ -14,52 +31,184 @@ logger = logging.getLogger("vbridge_core")
 
 def add_train_parser(sub, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register ``train`` on the CLI's subparsers."""
-    fmt = HelpFormatter
-    t = sub.add_parser("train", help="train a restoration LoRA from LQ/HQ pairs", formatter_class=fmt)
-    t.add_argument("--pairs", required=True, metavar="DIR", help="folder with lq/ and hq/ (matching file names)")
-    t.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors)")
-    t.add_argument("--steps", type=int, default=400, help="training steps")
-    t.add_argument("--rank", type=int, default=32, help="LoRA rank")
-    t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-    t.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
-    t.add_argument("--frames", type=int, default=5, help="pseudo-video length F = 4k+1")
-    t.add_argument("--shift", type=float, default=5.0, help="flow shift of the noise-level sampling")
-    t.add_argument("--resolution", type=int, default=None, help="square crop side, multiple of 32 (default: "
-                   "largest multiple of 32 that fits, at most 512)")
-    t.add_argument("--seed", type=int, default=0, help="seed")
-    t.add_argument("--prompt", default=None, help="training prompt (default: the V-Bridge release prompt)")
+    t = sub.add_parser("train", help="train a restoration (or drift-correction) LoRA from LQ/HQ pairs",
+                       formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
+    d = t.add_argument_group("data")
+    d.add_argument("--pairs", metavar="DIR", help="folder with lq/ and hq/ (matching file stems), or task subfolders "
+                   "each with lq/ and hq/ (mixed into one multi-task set)")
+    d.add_argument("--from-clean", metavar="DIR", help="synthesise pairs from the clean photos in DIR (written to "
+                   "--pairs, or to <out>.checkpoints/pairs) with --degradations")
+    d.add_argument("--degradations", default="gaussian_noise,gaussian_blur,jpeg",
+                   help="comma-separated degradations for --from-clean (one task each)")
+    d.add_argument("--val-pairs", metavar="DIR", help="validation pairs (default: hold out --val-fraction per task)")
+    d.add_argument("--val-fraction", type=float, default=0.1, help="share of each task's pairs held out for validation")
+    d.add_argument("--crop-mode", choices=["resize", "crop"], default="resize",
+                   help="resize: scale the short side to the stage resolution, then crop (the paper's curriculum); "
+                   "crop: crop at native scale")
+    d.add_argument("--crops-per-pair", type=int, default=4, help="augmented views (crop + flip) cached per pair and stage")
+    d.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+
+    o = t.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors), e.g. "
+                   "ComfyUI/models/loras/vbridge/name.safetensors")
+    o.add_argument("--mode", choices=["restoration", "drift"], default="restoration",
+                   help="drift: train the drift-correction LoRA on the restoration LoRA's outputs")
+    o.add_argument("--restoration-lora", metavar="FILE", help="(--mode drift) the trained restoration LoRA")
+    o.add_argument("--restore-steps", type=int, default=30, help="(--mode drift) sampling steps of the restoration "
+                   "pass that makes the drift-correction inputs")
+    o.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps (0: never)")
+    o.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
+    o.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file, its folder, or 'auto'")
+    o.add_argument("--cache-dir", metavar="DIR", help="keep the per-stage latent cache on disk here")
+
+    s = t.add_argument_group("schedule")
+    s.add_argument("--stages", default=None, help="resolution curriculum as resolution:steps, e.g. 512:400,720:300,960:300 "
+                   "(default: one stage of --steps at --resolution)")
+    s.add_argument("--steps", type=int, default=400, help="training steps when --stages is not given")
+    s.add_argument("--resolution", type=int, default=None, help="square crop side (multiple of 32) when --stages is "
+                   "not given (default: largest multiple of 32 that fits, at most 512)")
+    s.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    s.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant", help="LR schedule")
+    s.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps")
+    s.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    s.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw8bit needs bitsandbytes")
+    s.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    s.add_argument("--batch-size", type=int, default=1, help="pseudo-videos per process and micro-step")
+    s.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    s.add_argument("--seed", type=int, default=0, help="seed")
+
+    m = t.add_argument_group("LoRA and objective")
+    m.add_argument("--rank", type=int, default=32, help="LoRA rank")
+    m.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    m.add_argument("--target-modules", default="to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
+                   help="comma-separated diffusers module names the LoRA wraps")
+    m.add_argument("--frames", type=int, default=5, help="pseudo-video length F = 4k+1")
+    m.add_argument("--alpha-schedule", default="linear", help="LQ->HQ blend schedule (name or comma-separated values)")
+    m.add_argument("--shift", type=float, default=5.0, help="flow shift of the noise-level sampling")
+    m.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory, slower)")
+    m.add_argument("--prompt", default=None, help="training prompt (default: the V-Bridge release prompt; needs "
+                   "--text-encoder)")
+    m.add_argument("--prompt-embeds", metavar="FILE", help="take the prompt embedding from this file instead of a text "
+                   "encoder: a V-Bridge LoRA, or a .safetensors with 'prompt_embeds' [1, L, 4096]")
+
+    v = t.add_argument_group("validation")
+    v.add_argument("--val-every", type=int, default=0, help="validate every N steps (always before and after)")
+    v.add_argument("--val-steps", type=int, default=20, help="sampling steps of a validation restore")
+    v.add_argument("--val-resolution", type=int, default=None, help="validation crop side (default: last stage's)")
     add_model_args(t)
 
 
-
-def cmd_train(a: argparse.Namespace) -> int:
-    from ..images import load_image
-    from ..pipeline import VBridgePipeline
-    from .trainer import TrainConfig, train_lora
-
-    root = Path(a.pairs)
-    lq_dir, hq_dir = root / "lq", root / "hq"
-    if not lq_dir.is_dir() or not hq_dir.is_dir():
-        raise InputError(f"{root} must contain lq/ and hq/ folders with matching file names")
-    lqs = {p.stem: p for p in collect_inputs([str(lq_dir)])}
-    hqs = {p.stem: p for p in collect_inputs([str(hq_dir)])}
-    if set(lqs) != set(hqs):
-        raise InputError(f"unmatched pairs: only in lq/: {sorted(set(lqs) - set(hqs))[:10]}, "
-                         f"only in hq/: {sorted(set(hqs) - set(lqs))[:10]}")
-    pairs = [(load_image(lqs[s]), load_image(hqs[s])) for s in sorted(lqs)]
-    pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=a.device, dtype=parse_dtype(a.dtype),
-                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer)
+def _prompt_embeddings(a: argparse.Namespace, pipe) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+    """The training prompt pair: from --prompt-embeds, the restoration LoRA (drift mode), or the text encoder."""
     from ..presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT
 
+    if a.prompt_embeds:
+        p = Path(a.prompt_embeds)
+        if not p.is_file():
+            raise InputError(f"--prompt-embeds {p} not found")
+        from safetensors.torch import load_file
+
+        from ..lora import NEGATIVE_PROMPT_EMBEDS_KEY, PROMPT_EMBEDS_KEY
+
+        t = load_file(str(p))
+        pos = t.get(PROMPT_EMBEDS_KEY, t.get("prompt_embeds"))
+        neg = t.get(NEGATIVE_PROMPT_EMBEDS_KEY, t.get("negative_prompt_embeds"))
+        if pos is None:
+            raise InputError(f"{p} holds no prompt embedding ('prompt_embeds' or '{PROMPT_EMBEDS_KEY}')")
+        return pos, neg, {"prompt": f"(embedding from {p.name})"}
+    if a.mode == "drift" and not a.text_encoder:
+        return None, None, {}  # the restoration LoRA's own embeddings
     prompt = a.prompt or PAPER_PROMPT
-    pos = pipe._encode(prompt)
-    neg = pipe._encode(PAPER_NEGATIVE_PROMPT)
-    cfg = TrainConfig(steps=a.steps, rank=a.rank, alpha=a.alpha or float(a.rank), learning_rate=a.lr,
-                      frames=a.frames, shift=a.shift, resolution=a.resolution, seed=a.seed)
-    res = train_lora(pipe, pairs, cfg, a.out, prompt_embeds=pos, negative_prompt_embeds=neg,
-                     metadata={"prompt": prompt, "negative_prompt": PAPER_NEGATIVE_PROMPT},
-                     callback=lambda s, l: s % max(1, cfg.steps // 20) == 0 and logger.info("step %d loss %.4f", s, l))
-    logger.info("wrote %s (%d steps, final loss %.4f)", res.path, len(res.losses), res.losses[-1])
+    return pipe._encode(prompt), pipe._encode(PAPER_NEGATIVE_PROMPT), \
+        {"prompt": prompt, "negative_prompt": PAPER_NEGATIVE_PROMPT}
+
+
+def _config(a: argparse.Namespace):
+    from ..trajectory import parse_schedule
+    from .config import TrainConfig
+
+    return TrainConfig(
+        steps=a.steps, resolution=a.resolution, stages=a.stages, rank=a.rank, alpha=a.alpha or float(a.rank),
+        target_modules=[m.strip() for m in a.target_modules.split(",") if m.strip()], learning_rate=a.lr,
+        weight_decay=a.weight_decay, optimizer=a.optimizer, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps,
+        max_grad_norm=a.max_grad_norm, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing, frames=a.frames,
+        alpha_schedule=parse_schedule(a.alpha_schedule), shift=a.shift, seed=a.seed,
+        role="drift_correction" if a.mode == "drift" else "restoration", crop_mode=a.crop_mode, flip=not a.no_flip,
+        crops_per_pair=a.crops_per_pair, validation_fraction=a.val_fraction, validation_every=a.val_every,
+        validation_steps=a.val_steps, validation_resolution=a.val_resolution, checkpoint_every=a.checkpoint_every,
+        keep_checkpoints=a.keep_checkpoints, cache_dir=a.cache_dir).validate()
+
+
+def _synthesise_pairs(a: argparse.Namespace, is_main: bool, barrier: Callable[[], None]) -> Path:
+    from .checkpoint import checkpoint_dir
+
+    target = Path(a.pairs) if a.pairs else checkpoint_dir(a.out) / "pairs"
+    if is_main:
+        from ..degrade import make_pairs
+
+        names = [n.strip() for n in a.degradations.split(",") if n.strip()]
+        records = make_pairs(a.from_clean, target, names, seed=a.seed)
+        logger.info("synthesised %d pairs from %s into %s (%s)", len(records), a.from_clean, target, ", ".join(names))
+    barrier()
+    return target
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    """Handle ``train``: load the model, build the dataset, train, write the LoRA (see the module docstring)."""
+    from ..pipeline import VBridgePipeline
+    from .loop import make_accelerator, train_lora
+
+    if not a.pairs and not a.from_clean:
+        raise InputError("give --pairs DIR (lq/ and hq/ folders) or --from-clean DIR with --degradations")
+    if a.mode == "drift" and not a.restoration_lora:
+        raise InputError("--mode drift needs --restoration-lora FILE (the LoRA trained with --mode restoration)")
+    cfg = _config(a)
+    device = torch.device(a.device) if a.device else None
+    acc = make_accelerator(device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")))
+    if device is None or (device.type == "cuda" and acc.num_processes > 1):
+        device = acc.device
+    pairs_dir = _synthesise_pairs(a, acc.is_main_process, acc.wait_for_everyone) if a.from_clean else Path(a.pairs)
+    from ..pairs import scan_pairs
+
+    from .dataset import TrainingPairs
+
+    pairs = scan_pairs(pairs_dir)
+    if acc.is_main_process:
+        logger.info("%s", pairs.summary())
+    TrainingPairs.from_any(pairs).check()  # unreadable files or mismatched sizes fail before the model loads
+    pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=device, dtype=parse_dtype(a.dtype),
+                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer)
+    pos, neg, meta = _prompt_embeddings(a, pipe)
+
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):  # first Ctrl-C: checkpoint at the next step; second: stop now
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        logger.warning("stopping: a checkpoint is written after the current step (Ctrl-C again to abort now)")
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        kw = dict(metadata=meta, resume=a.resume, should_cancel=lambda: stop["requested"], accelerator=acc,
+                  validation_pairs=scan_pairs(a.val_pairs) if a.val_pairs else None)
+        if a.mode == "drift":
+            from .drift import train_drift_lora
+
+            res = train_drift_lora(pipe, pairs, a.restoration_lora, cfg, a.out, prompt_embeds=pos,
+                                   negative_prompt_embeds=neg, restore_settings=dict(steps=a.restore_steps, seed=a.seed),
+                                   cache_dir=a.cache_dir, **kw)
+        else:
+            res = train_lora(pipe, pairs, cfg, a.out, prompt_embeds=pos, negative_prompt_embeds=neg, **kw)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if acc.is_main_process:
+        fin = [x for x in res.losses if x == x]
+        logger.info("wrote %s (%d steps, loss %.4f -> %.4f, %d skipped)%s", res.path, len(res.losses),
+                    fin[0] if fin else float("nan"), fin[-1] if fin else float("nan"), len(res.skipped_steps),
+                    f"; loss curve {res.loss_curve_path}" if res.loss_curve_path else "")
     return 0
-
-
