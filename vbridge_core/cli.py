@@ -171,6 +171,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return cmd_train(a)
 
 
+def _stab_cli(name: str):
+    def run(a: argparse.Namespace) -> int:
+        from . import stabilize_cli
+
+        return getattr(stabilize_cli, name)(a)
+    return run
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -211,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.cli import add_train_parser
 
     add_train_parser(sub, _add_model_args)
+    from .stabilize_cli import add_stabilizer_parsers
+
+    add_stabilizer_parsers(sub, _add_model_args, _add_sampler_args)
 
     e = sub.add_parser("eval", help="PSNR/SSIM of restored images against references (matching names)",
                        formatter_class=fmt)
@@ -235,7 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("diffusers", "transformers", "peft", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
-                "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+                "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo,
+                "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video")}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:

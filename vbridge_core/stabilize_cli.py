@@ -1,0 +1,164 @@
+"""``python -m vbridge_core train-stabilizer`` and ``restore-video``: parsers and handlers.
+
+``train-stabilizer`` trains a causal temporal stabilizer (see :mod:`vbridge_core.stabilize`) either
+on real clips -- folders holding ``restored/`` (the restorer's per-frame outputs, e.g. written by
+``restore-video --save-raw``), ``hq/`` (clean frames) and optionally ``lq/`` (the restorer's inputs),
+frames matched by sorted file name -- or on clips synthesised from still photos (smooth random
+camera motion, a :mod:`vbridge_core.degrade` degradation re-drawn per frame, and a simulated
+flickering restorer: clean + a per-frame redrawn error). It never loads the 5B model.
+
+``restore-video`` restores a folder of frames one by one with the same seed and streams them
+through an optional stabilizer (a trained file or a fixed EMA strength).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Callable
+
+from .cli_common import HelpFormatter, collect_inputs, parse_dtype
+from .errors import InputError
+
+logger = logging.getLogger("vbridge_core")
+
+
+def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParser], None],
+                           add_sampler_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register ``train-stabilizer`` and ``restore-video`` on the CLI's subparsers."""
+    fmt = HelpFormatter
+    t = sub.add_parser("train-stabilizer", formatter_class=fmt,
+                       help="train a causal temporal stabilizer (controlled or spatial) for frame-by-frame video")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--clips", nargs="+", metavar="DIR", help="clip folders with restored/ + hq/ (+ lq/) frame "
+                     "folders, or parents of such clip folders")
+    src.add_argument("--photos", nargs="+", metavar="IN", help="still photos (files or folders) to synthesise "
+                     "clips from: camera motion + degradation re-drawn per frame + simulated flickering restorer")
+    t.add_argument("--out", required=True, metavar="FILE", help="stabilizer file to write (.safetensors)")
+    t.add_argument("--kind", choices=["controlled", "spatial"], default="spatial",
+                   help="controlled: per-pixel mix weight; spatial: + per-pixel k x k fusion kernel")
+    t.add_argument("--steps", type=int, default=300, help="training steps")
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate (Adam, cosine decay)")
+    t.add_argument("--stability-weight", type=float, default=0.4,
+                   help="lambda of the accuracy-stability loss; must stay under the collapse bound "
+                   "(clip-frames - 1), and under 0.5 (the oracle bound) it never trades accuracy for stability")
+    t.add_argument("--clip-frames", type=int, default=5, help="frames per training window (tau)")
+    t.add_argument("--crop", type=int, default=64, help="square crop side of the training windows")
+    t.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    t.add_argument("--hidden", type=int, default=24, help="width of the stabilizer's conv layers")
+    t.add_argument("--kernel-size", type=int, default=5, help="spatial fusion kernel size (odd)")
+    t.add_argument("--no-inputs", action="store_true", help="do not feed the LQ inputs to the stabilizer "
+                   "(then it needs only the restored frames at run time)")
+    t.add_argument("--seed", type=int, default=0, help="seed")
+    t.add_argument("--device", default=None, help="training device (default cpu; the stabilizer is small)")
+    g = t.add_argument_group("synthetic clips (--photos)")
+    g.add_argument("--degradation", default="gaussian_noise", help="vbridge_core.degrade degradation name "
+                   "(re-drawn every frame)")
+    g.add_argument("--frames", type=int, default=12, help="frames per synthetic clip")
+    g.add_argument("--clips-per-photo", type=int, default=4, help="synthetic clips per photo")
+    g.add_argument("--size", type=int, default=96, help="synthetic clip frame side (pixels)")
+    g.add_argument("--restorer-error", type=float, default=0.05,
+                   help="std of the simulated restorer's per-frame error (0..1 units)")
+
+    v = sub.add_parser("restore-video", formatter_class=fmt,
+                       help="restore a folder of video frames frame by frame (same seed) with an optional stabilizer")
+    v.add_argument("input", metavar="DIR", help="folder of frames (sorted by name, one size)")
+    v.add_argument("--out", required=True, metavar="DIR", help="output folder for the restored frames")
+    v.add_argument("--lora", metavar="FILE", help="V-Bridge restoration LoRA (.safetensors)")
+    v.add_argument("--lora-strength", type=float, default=1.0, help="restoration LoRA strength")
+    st = v.add_mutually_exclusive_group()
+    st.add_argument("--stabilizer", metavar="FILE", help="trained stabilizer file (train-stabilizer)")
+    st.add_argument("--ema", type=float, metavar="B", help="fixed EMA strength b in (0, 1] (1 = off)")
+    v.add_argument("--batch-frames", type=int, default=8, help="frames restored per chunk (memory)")
+    v.add_argument("--save-raw", action="store_true", help="also write the unstabilized frames to OUT/raw/")
+    add_model_args(v)
+    add_sampler_args(v)
+
+
+def _frames(folder: Path, what: str):
+    import torch
+
+    from .images import load_image
+
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder of {what} frames")
+    frames = [load_image(p) for p in collect_inputs([str(folder)])]
+    sizes = sorted({tuple(f.shape) for f in frames})
+    if len(sizes) > 1:
+        raise InputError(f"{folder}: frames of different sizes {sizes}; all frames of a clip must have one size")
+    return torch.stack(frames)
+
+
+def _clip_dirs(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "restored").is_dir() or (p / "hq").is_dir():
+            out.append(p)
+        elif p.is_dir():
+            subs = sorted(q for q in p.iterdir() if q.is_dir() and ((q / "restored").is_dir() or (q / "hq").is_dir()))
+            if not subs:
+                raise InputError(f"{p} holds no clip folders (each needs restored/ and hq/ frame folders)")
+            out.extend(subs)
+        else:
+            raise InputError(f"clip folder {p} does not exist")
+    return out
+
+
+def cmd_train_stabilizer(a: argparse.Namespace) -> int:
+    from .images import load_image
+    from .stabilize import StabilizerClip, TrainStabilizerConfig, synthesize_clips, train_stabilizer
+
+    if a.photos:
+        photos = [load_image(p) for p in collect_inputs(a.photos)]
+        clips = synthesize_clips(photos, n_frames=a.frames, seed=a.seed, degradation=a.degradation, size=a.size,
+                                 clips_per_photo=a.clips_per_photo, restorer_amplitude=a.restorer_error)
+        source = {"photos": [str(p) for p in a.photos], "degradation": a.degradation, "frames": a.frames,
+                  "size": a.size, "restorer": f"simulated (clean + per-frame error std {a.restorer_error})"}
+    else:
+        clips = []
+        for d in _clip_dirs(a.clips):
+            if not (d / "restored").is_dir():
+                raise InputError(f"{d} has no restored/ folder: restore its lq/ frames first, e.g. "
+                                 f"`python -m vbridge_core restore-video {d / 'lq'} --out {d / 'restored'} ...`")
+            restored, hq = _frames(d / "restored", "restored"), _frames(d / "hq", "hq")
+            lq = _frames(d / "lq", "lq") if (d / "lq").is_dir() and not a.no_inputs else None
+            clips.append(StabilizerClip(restored, hq, lq, name=d.name))
+        source = {"clips": [str(p) for p in a.clips]}
+    cfg = TrainStabilizerConfig(kind=a.kind, steps=a.steps, learning_rate=a.lr, stability_weight=a.stability_weight,
+                                clip_frames=a.clip_frames, crop=a.crop, batch_size=a.batch_size, hidden=a.hidden,
+                                kernel_size=a.kernel_size, use_inputs=False if a.no_inputs else None, seed=a.seed,
+                                device=a.device)
+    every = max(1, a.steps // 10)
+    res = train_stabilizer(clips, a.kind, cfg, out=a.out, metadata={"source": source},
+                           callback=lambda s, l: s % every == 0 and logger.info("step %d loss %.5f", s, l))
+    logger.info("wrote %s (%s, %d parameters)", res.path, a.kind, res.info["parameters"])
+    return 0
+
+
+def cmd_restore_video(a: argparse.Namespace) -> int:
+    from .cli import _sampler_kwargs
+    from .fileio import ensure_writable_dir, write_json_atomic
+    from .images import save_png
+    from .pipeline import VBridgePipeline
+    from .stabilize import restore_video
+
+    src = Path(a.input)
+    paths = collect_inputs([str(src)])
+    frames = _frames(src, "input")
+    out = ensure_writable_dir(a.out)
+    stab = a.stabilizer if a.stabilizer else a.ema
+    pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
+                                      device=a.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
+                                      tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload)
+    kw = _sampler_kwargs(a)
+    seed = kw.pop("seed")
+    res = restore_video(pipe, frames, stabilizer=stab, batch_frames=a.batch_frames, seed=seed,
+                        callback=lambda d, n: logger.info("restored %d/%d frames", d, n), **kw)
+    for p, f, r in zip(paths, res.frames, res.raw):
+        save_png(f.clamp(0, 1), out / f"{p.stem}.png")
+        if a.save_raw:
+            save_png(r.clamp(0, 1), out / "raw" / f"{p.stem}.png")
+    write_json_atomic(out / "vbridge_video_settings.json",
+                      {"input": str(src), "stabilizer": a.stabilizer, "ema": a.ema, "sampler": kw, "info": res.info})
+    logger.info("wrote %d frame(s) to %s", len(paths), out)
+    return 0
