@@ -1,16 +1,20 @@
 """The progressive resolution curriculum (paper §3.3): a list of ``resolution:steps`` stages.
 
-Training runs the stages in order (e.g. ``512:400,720:300,960:300``): the objective never changes,
+Training runs the stages in order (e.g. ``512:400,720:300,960:300``; a side that is not a multiple
+of 32, such as 720, is rounded down to one, 704): the objective never changes,
 only the side of the square training crops grows, so the LoRA first learns global restoration at
 low resolution and then fine detail. Steps are counted globally across stages, so a checkpoint at
 step ``n`` names one stage and one position in it, which is what resume needs.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
 from ..errors import InputError
+
+logger = logging.getLogger(__name__)
 
 #: Spatial granularity of a training crop: 16x VAE compression times the 2x2 DiT patch.
 RESOLUTION_MULTIPLE = 32
@@ -31,10 +35,15 @@ StagesLike = Union[str, Sequence[Union[Stage, Sequence[int], str]]]
 
 
 def _check(stage: Stage) -> Stage:
-    if isinstance(stage.resolution, bool) or not isinstance(stage.resolution, int) or stage.resolution < 32 \
-            or stage.resolution % RESOLUTION_MULTIPLE:
-        raise InputError(f"stage {stage}: resolution must be a multiple of {RESOLUTION_MULTIPLE} (>= 32), "
-                         f"got {stage.resolution!r}; e.g. 512, 704, 960")
+    if isinstance(stage.resolution, bool) or not isinstance(stage.resolution, int) or stage.resolution < 32:
+        raise InputError(f"stage {stage}: resolution must be a whole number of pixels >= 32 (a multiple of "
+                         f"{RESOLUTION_MULTIPLE}), got {stage.resolution!r}; e.g. 512, 704, 960")
+    if stage.resolution % RESOLUTION_MULTIPLE:
+        # 720 (the paper's example) is not a multiple of 32: the DiT needs an even latent side.
+        fixed = stage.resolution // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE
+        logger.info("stage %s: resolution %d rounded down to %d (a multiple of %d)", stage, stage.resolution, fixed,
+                    RESOLUTION_MULTIPLE)
+        stage = Stage(fixed, stage.steps)
     if isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or stage.steps < 1:
         raise InputError(f"stage {stage}: steps must be a positive integer, got {stage.steps!r}")
     return stage
