@@ -190,7 +190,8 @@ class LearnedStabilizer(nn.Module):
                                  "LQ frames as inputs=... (restore_video does this itself)")
             feats += [x, x_prev, x - x_prev]
         out = self.head(self.body(torch.cat(feats, dim=1)))
-        beta = torch.sigmoid(out[:, :1])
+        # clamped logit: b in [4.5e-5, 1 - 4.5e-5]; keeps saturated gradients out of the (slow) denormal range
+        beta = torch.sigmoid(out[:, :1].clamp(-10.0, 10.0))
         weights = torch.softmax(out[:, 1:], dim=1) if self.k > 1 else None
         return beta, weights
 
@@ -343,8 +344,9 @@ def save_stabilizer(stabilizer: Stabilizer, path: str | os.PathLike,
     """Write a stabilizer to one safetensors file (atomic) with JSON metadata.
 
     Metadata keys: ``format`` ("vbridge_stabilizer"), ``version``, ``kind``, ``config`` (channels,
-    hidden, kernel size, use_inputs), ``parameters`` and whatever ``metadata`` adds (the training
-    loss weights, clip length and collapse bound from :func:`train_stabilizer`).
+    hidden, kernel size, use_inputs), ``parameters``, the stabilizer's own ``.metadata`` (set by
+    :func:`train_stabilizer` and :func:`load_stabilizer`: training loss weights, clip length, collapse
+    bound) and whatever ``metadata`` adds.
     """
     from .fileio import save_safetensors_atomic
 
@@ -356,7 +358,9 @@ def save_stabilizer(stabilizer: Stabilizer, path: str | os.PathLike,
         tensors = dict(stabilizer.state_dict())
         meta["config"] = json.dumps(asdict(stabilizer.config))
         meta["parameters"] = str(count_parameters(stabilizer))
-    for k, v in (metadata or {}).items():
+    own = {k: v for k, v in (getattr(stabilizer, "metadata", None) or {}).items()
+           if k not in ("format", "version", "kind", "config", "parameters")}  # e.g. training weights, bound
+    for k, v in {**own, **(metadata or {})}.items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     return save_safetensors_atomic(tensors, path, metadata=meta)
 
@@ -712,7 +716,7 @@ def simulate_restorer(clean: torch.Tensor, seed: int = 0, amplitude: float = 0.0
 
 
 def _degrade(frames: torch.Tensor, degradation: Any, seed: int, params: dict[str, Any]) -> torch.Tensor:
-    if degradation is None:
+    if degradation is None or degradation == "none":
         g = torch.Generator().manual_seed(seed)
         return (frames + 0.05 * torch.randn(frames.shape, generator=g)).clamp(0, 1)
     if callable(degradation):
