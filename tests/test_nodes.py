@@ -382,3 +382,15 @@ def test_image_quality_metrics_errors():
     with pytest.raises(InputError, match="degraded"):
         _call("ImageQualityMetrics", restored=_images(1), reference=_images(1), psnr_channel="rgb", ssim_channel="y",
               degraded=_images(1, 16, 16))
+
+
+def test_nodes_run_under_inference_mode_like_comfyui():
+    """ComfyUI executes every node inside torch.inference_mode(); conditioning tensors are inference tensors."""
+    with torch.inference_mode():
+        (pipe,) = _call("LoadVBridge", **_load_kwargs(drift_lora="none", restoration_strength=0.5))
+        cond = [[tiny_prompt_embeds(seed=4)[:, :6].clone(), {}]]
+        restored, traj, _ = _call("RestoreTrajectory", vbridge_model=pipe, image=_images(1), frames=5, steps=2, seed=0,
+                                  shift=5.0, solver="unipc", guidance=2.0, conditioning=cond, negative=cond)
+    assert restored.shape == (1, 32, 48, 3) and traj.shape == (5, 32, 48, 3)
+    # Weights were loaded outside inference mode, so the same model stays usable for LoRA training.
+    assert not any(p.is_inference() for p in pipe.transformer.parameters())

@@ -17,12 +17,11 @@ from typing import Iterator
 
 import torch
 
+from .cli_common import IMAGE_EXTS
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-#: Image file extensions looked at (as the CLI's input collection).
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: How many names of each problem an error message lists before "and N more".
 _LIST_LIMIT = 20
 
