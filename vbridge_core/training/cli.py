@@ -9,7 +9,10 @@ Single GPU::
 
 Several GPUs (data parallel; each process takes its slice of every global batch)::
 
-    accelerate launch --num_processes 4 -m vbridge_core train --pairs data/ --out ... (same flags)
+    accelerate launch --multi_gpu --num_processes 4 -m vbridge_core train --pairs data/ --out ... (same flags)
+
+(``accelerate launch --multi_gpu`` runs torchrun; ``torchrun --nproc_per_node N -m vbridge_core train ...`` works
+the same. The tests run it with two CPU processes.)
 
 Ctrl-C writes a checkpoint at the next step boundary and exits; ``--resume auto`` continues it.
 """
