@@ -19,6 +19,7 @@ if importlib.util.find_spec("vbridge_core") is None and _PACK_ROOT not in sys.pa
 from .data_nodes import ImageQualityMetrics, LoadImagePairs  # noqa: E402
 from .loader_nodes import LoadVBridge  # noqa: E402
 from .restore_nodes import DriftCorrect, RestoreTrajectory  # noqa: E402
+from .train_nodes import TrainLoRA, TrainLoRASettings  # noqa: E402
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoadVBridge": LoadVBridge,
@@ -26,6 +27,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "DriftCorrect": DriftCorrect,
     "LoadImagePairs": LoadImagePairs,
     "ImageQualityMetrics": ImageQualityMetrics,
+    "TrainLoRASettings": TrainLoRASettings,
+    "TrainLoRA": TrainLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadVBridge": "V-Bridge Load Model",
@@ -33,4 +36,6 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "DriftCorrect": "V-Bridge Drift Correct",
     "LoadImagePairs": "V-Bridge Load Image Pairs",
     "ImageQualityMetrics": "V-Bridge Image Quality Metrics",
+    "TrainLoRASettings": "V-Bridge LoRA Training Settings",
+    "TrainLoRA": "V-Bridge Train LoRA",
 }

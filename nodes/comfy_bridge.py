@@ -42,12 +42,38 @@ class ProgressBar:
 
             self._tqdm = tqdm(total=total, desc=desc, leave=False)
 
-    def update_absolute(self, value: int, preview: Any = None) -> None:
+    def update_absolute(self, value: int, preview: Any = None, total: Optional[int] = None) -> None:
+        """Show ``value`` of ``total`` (default: the total given at creation; a new total is kept).
+
+        Inside ComfyUI this also raises ComfyUI's interrupt exception when Cancel was pressed
+        (ComfyUI's progress hook checks it); see :meth:`update_keep_interrupt` for code that must
+        react to Cancel itself.
+        """
+        if total is not None:
+            self.total = total
         if self._comfy is not None:
             self._comfy.update_absolute(value, self.total, preview)
         elif self._tqdm is not None:
+            if self._tqdm.total != self.total:
+                self._tqdm.total = self.total
             self._tqdm.n = value
             self._tqdm.refresh()
+
+    def update_keep_interrupt(self, value: int, preview: Any = None, total: Optional[int] = None) -> None:
+        """Like :meth:`update_absolute`, but never raises on Cancel: the interrupt stays pending.
+
+        ComfyUI's progress hook raises (and clears) the interrupt flag when Cancel was pressed. Code
+        that must write a checkpoint before stopping (training) polls :func:`interrupt_requested`
+        at its own safe points instead, so here the exception is swallowed and the flag set again.
+        """
+        mm = _try_import("comfy.model_management") if self._comfy is not None else None
+        if mm is None:
+            self.update_absolute(value, preview, total)
+            return
+        try:
+            self.update_absolute(value, preview, total)
+        except mm.InterruptProcessingException:
+            mm.interrupt_current_processing(True)
 
     def close(self) -> None:
         if self._tqdm is not None:
@@ -59,6 +85,29 @@ def throw_if_interrupted() -> None:
     mm = _try_import("comfy.model_management")
     if mm is not None and in_comfyui():
         mm.throw_exception_if_processing_interrupted()
+
+
+def interrupt_requested() -> bool:
+    """True when the user pressed Cancel in ComfyUI (the flag is only read, not cleared); False outside."""
+    mm = _try_import("comfy.model_management")
+    if mm is not None and in_comfyui() and hasattr(mm, "processing_interrupted"):
+        return bool(mm.processing_interrupted())
+    return False
+
+
+def show_text(node_id: Optional[str], text: str) -> None:
+    """Show ``text`` on node ``node_id`` in ComfyUI's UI (progress text); logged at debug level outside."""
+    if node_id is None or not in_comfyui():
+        logger.debug("%s", text)
+        return
+    server = _try_import("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None or not hasattr(instance, "send_progress_text"):
+        return
+    try:
+        instance.send_progress_text(text, str(node_id))
+    except Exception as e:  # noqa: BLE001 - status text is best effort
+        logger.debug("send_progress_text failed: %s", e)
 
 
 def models_root() -> Path:
@@ -75,6 +124,18 @@ def register_lora_folder() -> None:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         logger.debug("cannot create %s: %s", base, e)
+
+
+def lora_output_dir() -> Path:
+    """Where trained LoRAs are written: ``<ComfyUI loras folder>/vbridge`` (the first, default ``loras``
+    folder, so LoadVBridge and LoraLoader list the file as ``vbridge/<name>.safetensors``);
+    ``$VBRIDGE_MODELS_DIR/loras/vbridge`` outside ComfyUI. Not created here."""
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        dirs = fp.get_folder_paths("loras")
+        base = Path(dirs[0]) if dirs else Path(fp.models_dir) / "loras"
+        return base / LORA_SUBFOLDER
+    return models_root() / "loras" / LORA_SUBFOLDER
 
 
 def filename_list(folder: str) -> list[str]:

@@ -89,7 +89,8 @@ def _images(b: int = 2, h: int = 32, w: int = 48, seed: int = 0) -> torch.Tensor
 # ------------------------------------------------------------------------------------------ contract
 
 def test_mappings_and_node_contract():
-    assert set(NODES) == {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics"}
+    assert set(NODES) == {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
+                          "TrainLoRASettings", "TrainLoRA"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
     for node_id, cls in NODES.items():
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("V-Bridge")
@@ -98,7 +99,9 @@ def test_mappings_and_node_contract():
         assert callable(getattr(cls, cls.FUNCTION))
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
         spec = cls.INPUT_TYPES()
-        for section in spec.values():
+        for key, section in spec.items():
+            if key == "hidden":  # ComfyUI-supplied values (UNIQUE_ID ...), no widgets
+                continue
             for name, decl in section.items():
                 assert isinstance(decl, tuple) and len(decl) == 2, (node_id, name)
                 assert decl[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
