@@ -174,7 +174,7 @@ class LearnedStabilizer(nn.Module):
             self.head.bias.zero_()
             self.head.bias[0] = math.log(config.beta_init / (1.0 - config.beta_init))
             if self.k > 1:  # start close to "previous pixel at the same place"
-                self.head.bias[1 + (self.k * self.k) // 2] = 3.0
+                self.head.bias[1 + (self.k * self.k) // 2] = 6.0
 
     kind = property(lambda self: self.config.kind)
     use_inputs = property(lambda self: self.config.use_inputs)
