@@ -133,3 +133,11 @@ def test_offload_gives_the_same_result(tiny_model_dir):
     rb = b.restore(x, steps=3, prompt_embeds=pe)
     assert rb.info["offload"] is True
     torch.testing.assert_close(ra, rb.final[0], atol=0, rtol=0)
+
+
+def test_same_seed_for_video_frames(pipe):
+    a = torch.rand(3, 32, 32)
+    batched = pipe.restore(torch.stack([a, a]), steps=3, seed=4, batch_size=2, same_seed=True)
+    torch.testing.assert_close(batched.final[0], batched.final[1], atol=1e-5, rtol=0)
+    default = pipe.restore(torch.stack([a, a]), steps=3, seed=4)
+    assert (default.final[0] - default.final[1]).abs().max() > 1e-4

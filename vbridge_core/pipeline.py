@@ -242,12 +242,13 @@ class VBridgePipeline:
             guidance_skip_tail: float = 0.0, prompt: str | None = None, negative_prompt: str | None = None,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             return_trajectory: bool = False, batch_size: int = 1, callback: StepCallback | None = None,
-            should_cancel: Callable[[], bool] | None = None) -> RestoreResult:
+            should_cancel: Callable[[], bool] | None = None, same_seed: bool = False) -> RestoreResult:
         """Sample the pseudo-video for each image and return its last frame.
 
         Images may have any sizes; they are reflect-padded to multiples of 32 and cropped back.
         Image ``i`` of the call uses seed ``seed + i``, so a result does not depend on how the
-        inputs are batched. ``batch_size`` images of one padded size share each DiT call.
+        inputs are batched; ``same_seed=True`` gives every image ``seed`` (video frames: the same
+        noise for every frame removes much of the frame-to-frame flicker). ``batch_size`` images of one padded size share each DiT call.
         """
         from .images import crop_back, pad_to_multiple
 
@@ -286,7 +287,7 @@ class VBridgePipeline:
                 cond = self.encode_condition(x)
                 _, c, _, h, w = cond.shape
                 noise = torch.cat([
-                    torch.randn((1, c, n_lat, h, w), generator=torch.Generator("cpu").manual_seed(seed + c_[0]),
+                    torch.randn((1, c, n_lat, h, w), generator=torch.Generator("cpu").manual_seed(seed if same_seed else seed + c_[0]),
                                 dtype=torch.float32) for c_ in chunk]).to(self.device)
 
                 def step_cb(info, _base=done_steps, _n=len(chunk)):
@@ -306,7 +307,7 @@ class VBridgePipeline:
                     if return_trajectory:
                         trajs[idx] = frames_j
         seconds = time.perf_counter() - t_start
-        info = dict(role=role, frames=frames, steps=steps, seed=seed, shift=shift, solver=solver,
+        info = dict(role=role, frames=frames, steps=steps, seed=seed, same_seed=same_seed, shift=shift, solver=solver,
                     sigma_grid=sigma_grid, guidance=guidance, guidance_skip_tail=guidance_skip_tail,
                     batch_size=batch_size, images=len(imgs), seconds=round(seconds, 3), offload=self.offload,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
