@@ -14,6 +14,14 @@ format to the API format with those definitions (widgets_values -> named inputs,
 ``[node_id, slot]``, virtual note nodes dropped); queues it with ``POST /prompt`` (steps lowered to
 ``VBRIDGE_IT_STEPS``, default 2, to stay fast) and polls ``/history`` until it finishes; then
 checks it succeeded and produced images. Nothing is written inside the ComfyUI checkout.
+
+The training workflows (those with ``TrainLoRA``) run adapted, as ComfyUI's CLIPLoader cannot load a
+tiny umt5 (its umt5-xxl configuration is fixed): the CLIPLoader and CLIPTextEncode nodes are removed
+with the conditioning link, and LoadVBridge gets the tiny restoration LoRA, which embeds a prompt
+(the trainer's fallback when no conditioning is connected; drift mode uses it anyway). The pairs are
+the pack's sample folder, the curriculum is lowered to ``64:3`` and the settings to one crop per pair,
+2-step validation/restore passes and a checkpoint every 2 steps. The test then checks the LoRA file
+in ``models/loras/vbridge/`` and that LoadVBridge and core LoraLoader list it.
 """
 from __future__ import annotations
 
@@ -47,7 +55,13 @@ pytestmark = pytest.mark.skipif(
 #: Frontend-only nodes: never sent to the server.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-OUR_NODES = {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics"}
+OUR_NODES = {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
+             "TrainLoRASettings", "TrainLoRA"}
+#: Text-encoder nodes removed from the training workflows (a tiny umt5 cannot be loaded by CLIPLoader).
+TEXT_ENCODER_NODES = {"CLIPLoader", "CLIPTextEncode"}
+TRAIN_STAGES = "64:3"
+TRAIN_SETTINGS = dict(crops_per_pair=1, validation_fraction=0.34, validation_steps=2, restore_steps=2,
+                      gradient_checkpointing=False, checkpoint_every=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +296,28 @@ def _run(server: Server, prompt: dict[str, Any]) -> dict[str, Any]:
     pytest.fail(f"workflow did not finish within {RUN_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
 
 
+def _adapt_training(prompt: dict[str, Any]) -> list[str]:
+    """Make a training workflow run on the tiny models (see the module docstring); returns the LoRA names."""
+    dropped = {nid for nid, n in prompt.items() if n["class_type"] in TEXT_ENCODER_NODES}
+    for nid in dropped:
+        del prompt[nid]
+    names = []
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for k in [k for k, v in inputs.items() if isinstance(v, list) and len(v) == 2 and v[0] in dropped]:
+            del inputs[k]
+        if node["class_type"] == "LoadVBridge":
+            inputs["restoration_lora"] = "vbridge/denoise.safetensors"
+        elif node["class_type"] == "LoadImagePairs":
+            inputs["folder"] = str(ROOT / "vbridge_core" / "assets" / "samples" / "denoise")
+        elif node["class_type"] == "TrainLoRASettings":
+            inputs.update(TRAIN_SETTINGS)
+        elif node["class_type"] == "TrainLoRA":
+            inputs["stages"] = TRAIN_STAGES
+            names.append(inputs["output_name"])
+    return names
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_runs_in_comfyui(server, object_info, path):
     wf = json.loads(path.read_text(encoding="utf-8"))
@@ -289,6 +325,7 @@ def test_workflow_runs_in_comfyui(server, object_info, path):
     for node in prompt.values():
         if node["class_type"] in OUR_NODES and "steps" in node["inputs"]:
             node["inputs"]["steps"] = min(node["inputs"]["steps"], STEPS)
+    trained = _adapt_training(prompt) if any(n["class_type"] == "TrainLoRA" for n in prompt.values()) else []
     entry = _run(server, prompt)
     status = entry["status"]
     assert status.get("status_str") == "success" and status.get("completed"), \
@@ -307,3 +344,14 @@ def test_workflow_runs_in_comfyui(server, object_info, path):
         if n["class_type"] == "PreviewAny":
             text = outputs.get(nid, {}).get("text", [])
             assert text and text[0] and text[0] != "None", f"{path.name}: node {nid} shows no text"
+    for name in trained:
+        lora = server.base / "models" / "loras" / "vbridge" / f"{name}.safetensors"
+        assert lora.is_file() and lora.stat().st_size > 0, f"{path.name}: no LoRA at {lora}\n{server.log_tail()}"
+        texts = [t for nid, n in prompt.items() if n["class_type"] == "PreviewAny"
+                 for t in outputs.get(nid, {}).get("text", [])]
+        assert any(str(lora) in t for t in texts), texts
+        assert not list((lora.parent / f"{name}.checkpoints").glob("state-step*.pt")), "finished runs keep no state"
+        listed = server.get("/object_info/LoadVBridge")["LoadVBridge"]["input"]["required"]["restoration_lora"][0]
+        assert f"vbridge/{name}.safetensors" in listed, "LoadVBridge must list the new LoRA after a refresh"
+        core = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+        assert f"vbridge/{name}.safetensors" in core, "ComfyUI's LoraLoader must list the new LoRA"

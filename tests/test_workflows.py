@@ -42,6 +42,15 @@ CORE_NODES: dict[str, dict[str, Any]] = {
     "PreviewImage": {"sockets": [("images", "IMAGE", True)], "widgets": [], "outputs": []},
     # comfy_extras/nodes_preview_any.py: source (IO.ANY); the frontend adds display-only widgets
     "PreviewAny": {"sockets": [("source", ANY, True)], "widgets": None, "outputs": []},
+    # nodes.py CLIPLoader: clip_name (text_encoders files), type (combo), optional device (combo) -> CLIP
+    "CLIPLoader": {"sockets": [], "widgets": [
+        ("clip_name", None),
+        ("type", (["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+                   "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"],)),
+        ("device", (["default", "cpu"],))], "outputs": [("CLIP", "CLIP")]},
+    # nodes.py CLIPTextEncode: text STRING (multiline), clip CLIP -> CONDITIONING
+    "CLIPTextEncode": {"sockets": [("clip", "CLIP", True)], "widgets": [("text", "STRING")],
+                       "outputs": [("CONDITIONING", "CONDITIONING")]},
     # frontend virtual nodes (never sent to the server): one text widget
     "Note": {"sockets": [], "widgets": [("text", "STRING")], "outputs": [], "virtual": True},
     "MarkdownNote": {"sockets": [], "widgets": [("text", "STRING")], "outputs": [], "virtual": True},
@@ -153,7 +162,8 @@ def workflow(request) -> tuple[str, dict[str, Any]]:
 
 
 def test_there_are_example_workflows():
-    assert {p.stem for p in WORKFLOWS} >= {"restore_image", "restore_drift_correct", "restore_and_compare"}
+    assert {p.stem for p in WORKFLOWS} >= {"restore_image", "restore_drift_correct", "restore_and_compare",
+                                           "train_restoration_lora", "train_drift_correction_lora"}
 
 
 def test_top_level_structure(workflow):
@@ -284,6 +294,41 @@ def test_model_loader_lists_its_files(workflow):
         assert models[dit]["directory"] == "diffusion_models" and models[vae]["directory"] == "vae"
         for m in models.values():
             assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"]), m
+
+
+def test_text_encoder_loader_lists_its_file(workflow):
+    name, wf = workflow
+    for n in wf["nodes"]:
+        if n["type"] != "CLIPLoader":
+            continue
+        models = {m["name"]: m for m in n["properties"].get("models", [])}
+        clip, kind = n["widgets_values"][0], n["widgets_values"][1]
+        assert kind == "wan", f"{name}: Wan2.2 needs CLIPLoader type 'wan' (umt5-xxl), got {kind!r}"
+        assert clip in models and models[clip]["directory"] == "text_encoders", \
+            f"{name}: properties.models must list {clip} (directory text_encoders)"
+        assert models[clip]["url"].startswith("https://huggingface.co/") and models[clip]["url"].endswith("/" + clip)
+
+
+def test_training_workflows_use_the_release_prompt_and_sane_settings(workflow):
+    name, wf = workflow
+    trainers = [n for n in wf["nodes"] if n["type"] == "TrainLoRA"]
+    if not trainers:
+        return
+    from vbridge_core.presets import PAPER_PROMPT
+    from vbridge_core.train_runtime import DEFAULT_SETTINGS
+
+    for n in trainers:
+        mode, output_name, stages, seed, control, resume = n["widgets_values"]
+        assert control == "fixed", f"{name}: a training seed must stay fixed (resume needs the same settings)"
+        assert resume is True and output_name and "/" not in output_name
+        from vbridge_core.training.curriculum import parse_stages
+
+        assert parse_stages(stages)
+    for n in wf["nodes"]:
+        if n["type"] == "CLIPTextEncode":
+            assert n["widgets_values"][0] == PAPER_PROMPT, f"{name}: train with the V-Bridge release prompt"
+        if n["type"] == "TrainLoRASettings":
+            assert n["widgets_values"] == list(DEFAULT_SETTINGS.values()), f"{name}: settings node not at defaults"
 
 
 def test_only_core_and_our_nodes(workflow):

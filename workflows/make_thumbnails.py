@@ -38,6 +38,8 @@ LINK_COLOURS = {  # close to ComfyUI's default link colours
     "CONDITIONING": (255, 170, 80),
     "VBRIDGE_MODEL": (180, 140, 230),
     "VBRIDGE_PAIRS": (230, 140, 180),
+    "VBRIDGE_TRAIN_SETTINGS": (120, 200, 190),
+    "CLIP": (255, 213, 0),
 }
 OUR_PREFIXES = ("LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
                 "TrainLoRA")
