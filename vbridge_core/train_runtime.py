@@ -18,6 +18,7 @@ This module imports torch only inside functions, so front ends can read the defa
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -255,6 +256,30 @@ def _drop_training_adapter(pipe: Any) -> None:
         pipe._activate(None)
 
 
+@contextlib.contextmanager
+def models_on_device(pipe: Any):
+    """Training needs the DiT on the compute device the whole time: a pipeline loaded with ``offload``
+    (models parked in RAM) gets both models moved there and offload switched off for the block, then
+    parked again. No-op for pipelines without offload."""
+    import torch
+
+    if not getattr(pipe, "offload", False):
+        yield
+        return
+    pipe.offload = False
+    pipe.transformer.to(pipe.device)
+    pipe.vae.to(pipe.device)
+    logger.info("memory 'offload' is suspended while training: the DiT stays on %s", pipe.device)
+    try:
+        yield
+    finally:
+        pipe.transformer.to("cpu")
+        pipe.vae.to("cpu")
+        pipe.offload = True
+        if pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def run_training(pipe: Any, pairs: Any, config: "TrainConfig", out_path: str | Path, *,
                  prompt_embeds: "torch.Tensor", negative_prompt_embeds: Optional["torch.Tensor"] = None,
                  metadata: Optional[dict[str, Any]] = None,
@@ -285,7 +310,7 @@ def run_training(pipe: Any, pairs: Any, config: "TrainConfig", out_path: str | P
                               metadata=metadata, callback=callback, should_cancel=should_cancel,
                               resume="auto" if resume else None)
     try:
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), models_on_device(pipe):
             if config.role == "drift_correction":
                 from .training.drift import train_drift_lora
 
