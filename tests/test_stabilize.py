@@ -235,17 +235,23 @@ def test_latents_with_ema_and_48_channel_stabilizer():
 
 # ------------------------------------------------------------------------------------ video + CLI
 class FakePipe:
-    """Restores by adding seed-dependent noise: same seed -> same noise, so flicker comes from seeds."""
+    """Restores by adding seed-dependent noise (image i of a call: seed + i, or seed with same_seed), like the pipeline."""
 
     def __init__(self):
         self.seeds = []
+        self.calls = []
 
-    def restore(self, images, seed=0, **kw):
+    def restore(self, images, seed=0, same_seed=False, batch_size=1, **kw):
         from vbridge_core.pipeline import RestoreResult
 
-        self.seeds.append(seed)
-        g = torch.Generator().manual_seed(seed)
-        return RestoreResult(final=[(im + 0.1 * torch.randn(im.shape, generator=g)).clamp(0, 1) for im in images])
+        self.calls.append((len(images), batch_size))
+        out = []
+        for i, im in enumerate(images):
+            s = seed if same_seed else seed + i
+            self.seeds.append(s)
+            g = torch.Generator().manual_seed(s)
+            out.append((im + 0.1 * torch.randn(im.shape, generator=g)).clamp(0, 1))
+        return RestoreResult(final=out)
 
 
 def test_restore_video_same_seed_chunks_and_stabilizer():
@@ -253,6 +259,7 @@ def test_restore_video_same_seed_chunks_and_stabilizer():
     pipe = FakePipe()
     res = S.restore_video(pipe, frames, stabilizer=0.5, batch_frames=2, seed=9, steps=3)
     assert pipe.seeds == [9] * 5
+    assert pipe.calls == [(2, 2), (2, 2), (1, 2)]  # chunks of batch_frames, each one batched restore call
     assert res.frames.shape == res.raw.shape == frames.shape
     assert S.temporal_stability(res.raw) < 1e-7  # fixed noise: a static video restores without flicker
     torch.testing.assert_close(res.frames, S.stabilize_sequence(res.raw, 0.5))
@@ -270,6 +277,31 @@ def test_restore_video_tiny_pipeline():
     res = S.restore_video(pipe, frames, stabilizer=st, batch_frames=2, steps=2)
     assert res.frames.shape == (3, 3, 32, 32)
     assert torch.equal(res.frames[0], res.raw[0])
+
+
+def test_restore_video_batches_dit_calls_with_per_frame_results():
+    """batch_frames=3 runs one DiT forward per step for 3 frames and matches one restore call per frame."""
+    from vbridge_core.pipeline import VBridgePipeline
+    from vbridge_core.tiny import build_tiny_transformer, build_tiny_vae, tiny_prompt_embeds
+
+    pipe = VBridgePipeline(build_tiny_transformer(11), build_tiny_vae(12), device="cpu", dtype=torch.float32,
+                           prompt_embeds=tiny_prompt_embeds(1))
+    frames = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    forwards = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda m, a, kw, o: forwards.append((a[0] if a else kw["hidden_states"]).shape[0]), with_kwargs=True)
+    steps = []
+    try:
+        res = S.restore_video(pipe, frames, stabilizer=None, batch_frames=3, seed=5, steps=2,
+                              step_callback=lambda done, total, info: steps.append((done, total)))
+    finally:
+        hook.remove()
+    assert forwards == [3, 3, 1, 1]  # 2 steps x (a chunk of 3 frames, then 1)
+    assert steps == [(3, 8), (6, 8), (7, 8), (8, 8)]
+    assert res.info["restore_calls"] == 2
+    single = torch.stack([pipe.restore([f], seed=5, steps=2).final[0] for f in frames])
+    torch.testing.assert_close(res.raw, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.frames, res.raw, atol=0, rtol=0)  # no stabilizer
 
 
 def test_cli_train_stabilizer(tmp_path):

@@ -19,8 +19,11 @@ class StreamingStabilizer:
     """
 
     def __init__(self, stabilizer: StabilizerSpec, device: Optional[torch.device | str] = None) -> None:
+        """``device``: where a learned stabilizer runs (it is moved there; frames come back on their own device)."""
         self.stabilizer = as_stabilizer(stabilizer, device=device)
         self.device = torch.device(device) if device is not None else None
+        if self.device is not None and self.stabilizer is not None and count_parameters(self.stabilizer):
+            self.stabilizer.to(self.device)
         self.reset()
 
     def reset(self) -> None:
