@@ -138,6 +138,41 @@ def lora_output_dir() -> Path:
     return models_root() / "loras" / LORA_SUBFOLDER
 
 
+#: ComfyUI model folder (``models/vbridge_stabilizers``) of the temporal stabilizers for video.
+STABILIZER_FOLDER = "vbridge_stabilizers"
+
+
+def register_stabilizer_folder() -> None:
+    """Make ``models/vbridge_stabilizers`` a ComfyUI model folder (``.safetensors`` files), created when possible.
+
+    Inside ComfyUI the folder is added to ``folder_paths`` (kept after any path that
+    ``extra_model_paths.yaml`` gave it); outside, it is ``$VBRIDGE_MODELS_DIR/vbridge_stabilizers``.
+    """
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        base = Path(fp.models_dir) / STABILIZER_FOLDER
+        if STABILIZER_FOLDER not in fp.folder_names_and_paths:
+            fp.folder_names_and_paths[STABILIZER_FOLDER] = ([str(base)], {".safetensors"})
+        else:
+            fp.add_model_folder_path(STABILIZER_FOLDER, str(base))
+    else:
+        base = models_root() / STABILIZER_FOLDER
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logger.debug("cannot create %s: %s", base, e)
+
+
+def stabilizer_output_dir() -> Path:
+    """Where trained stabilizers are written: the first ``vbridge_stabilizers`` folder (registered here)."""
+    register_stabilizer_folder()
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        dirs = fp.get_folder_paths(STABILIZER_FOLDER)
+        return Path(dirs[0]) if dirs else Path(fp.models_dir) / STABILIZER_FOLDER
+    return models_root() / STABILIZER_FOLDER
+
+
 def filename_list(folder: str) -> list[str]:
     """File names ComfyUI knows in ``folder`` (e.g. ``diffusion_models``, ``vae``, ``loras``)."""
     fp = _try_import("folder_paths")
