@@ -303,3 +303,56 @@ def test_resume_off_starts_over_and_changed_settings_explain_the_fix(bare_model,
     _, _, _, info = _train(bare_model, pairs, "restart", stages="32:4", seed=5, settings=settings, resume=False)
     assert "steps: 4" in info and "seed 5" in info
     assert list(ckdir.glob("*-step*")) == []
+
+
+def test_bridge_cancel_helpers_with_a_fake_comfyui(monkeypatch, tmp_path):
+    """interrupt_requested peeks at ComfyUI's flag; the training progress bar swallows the hook's raise
+    but leaves Cancel pending, so the trainer still sees it and writes its checkpoint."""
+    import sys
+    import types
+
+    state = {"flag": False, "hook_calls": 0}
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.processing_interrupted = lambda: state["flag"]
+    mm.interrupt_current_processing = lambda value=True: state.__setitem__("flag", value)
+
+    def throw():
+        if state["flag"]:
+            state["flag"] = False
+            raise InterruptProcessingException()
+
+    mm.throw_exception_if_processing_interrupted = throw
+
+    class ComfyBar:  # comfy.utils.ProgressBar with main.py's hook, which checks the interrupt
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            state["hook_calls"] += 1
+            throw()
+
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ComfyBar
+    comfy = types.ModuleType("comfy")
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.get_folder_paths = lambda name: [str(tmp_path / "models" / name)]
+    for name, mod in (("comfy", comfy), ("comfy.model_management", mm), ("comfy.utils", utils), ("folder_paths", fp)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    assert comfy_bridge.in_comfyui()
+    assert comfy_bridge.lora_output_dir() == tmp_path / "models" / "loras" / "vbridge"
+    bar = comfy_bridge.ProgressBar(5)
+    bar.update_keep_interrupt(1)
+    assert not comfy_bridge.interrupt_requested()
+    state["flag"] = True  # the user presses Cancel
+    bar.update_keep_interrupt(2)  # the hook raised: swallowed, flag set again
+    assert state["hook_calls"] == 2 and comfy_bridge.interrupt_requested()
+    with pytest.raises(InterruptProcessingException):
+        comfy_bridge.throw_if_interrupted()  # what the node raises after the checkpoint
+    assert not comfy_bridge.interrupt_requested()
