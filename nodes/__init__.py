@@ -20,6 +20,7 @@ from .data_nodes import ImageQualityMetrics, LoadImagePairs  # noqa: E402
 from .loader_nodes import LoadVBridge  # noqa: E402
 from .restore_nodes import DriftCorrect, RestoreTrajectory  # noqa: E402
 from .train_nodes import TrainLoRA, TrainLoRASettings  # noqa: E402
+from .video_nodes import RestoreVideo, TrainStabilizer  # noqa: E402
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoadVBridge": LoadVBridge,
@@ -29,6 +30,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "ImageQualityMetrics": ImageQualityMetrics,
     "TrainLoRASettings": TrainLoRASettings,
     "TrainLoRA": TrainLoRA,
+    "RestoreVideo": RestoreVideo,
+    "TrainStabilizer": TrainStabilizer,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadVBridge": "V-Bridge Load Model",
@@ -38,4 +41,6 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "ImageQualityMetrics": "V-Bridge Image Quality Metrics",
     "TrainLoRASettings": "V-Bridge LoRA Training Settings",
     "TrainLoRA": "V-Bridge Train LoRA",
+    "RestoreVideo": "V-Bridge Restore Video",
+    "TrainStabilizer": "V-Bridge Train Stabilizer",
 }

@@ -104,9 +104,28 @@ def _clip_dirs(paths: list[str]) -> list[Path]:
     return out
 
 
+def load_clip_folders(paths: list[str], use_inputs: bool = True) -> list:
+    """Real training clips: folders with ``restored/`` + ``hq/`` (+ ``lq/``) frames, or parents of such folders.
+
+    Returns :class:`~vbridge_core.stabilize.StabilizerClip` objects (``inputs`` from ``lq/`` when
+    present and ``use_inputs``); frames are matched by sorted file name.
+    """
+    from .stabilize import StabilizerClip
+
+    clips = []
+    for d in _clip_dirs(paths):
+        if not (d / "restored").is_dir():
+            raise InputError(f"{d} has no restored/ folder: restore its lq/ frames first, e.g. "
+                             f"`python -m vbridge_core restore-video {d / 'lq'} --out {d / 'restored'} ...`")
+        restored, hq = _frames(d / "restored", "restored"), _frames(d / "hq", "hq")
+        lq = _frames(d / "lq", "lq") if (d / "lq").is_dir() and use_inputs else None
+        clips.append(StabilizerClip(restored, hq, lq, name=d.name))
+    return clips
+
+
 def cmd_train_stabilizer(a: argparse.Namespace) -> int:
     from .images import load_image
-    from .stabilize import StabilizerClip, TrainStabilizerConfig, synthesize_clips, train_stabilizer
+    from .stabilize import TrainStabilizerConfig, synthesize_clips, train_stabilizer
 
     if a.photos:
         photos = [load_image(p) for p in collect_inputs(a.photos)]
@@ -115,14 +134,7 @@ def cmd_train_stabilizer(a: argparse.Namespace) -> int:
         source = {"photos": [str(p) for p in a.photos], "degradation": a.degradation, "frames": a.frames,
                   "size": a.size, "restorer": f"simulated (clean + per-frame error std {a.restorer_error})"}
     else:
-        clips = []
-        for d in _clip_dirs(a.clips):
-            if not (d / "restored").is_dir():
-                raise InputError(f"{d} has no restored/ folder: restore its lq/ frames first, e.g. "
-                                 f"`python -m vbridge_core restore-video {d / 'lq'} --out {d / 'restored'} ...`")
-            restored, hq = _frames(d / "restored", "restored"), _frames(d / "hq", "hq")
-            lq = _frames(d / "lq", "lq") if (d / "lq").is_dir() and not a.no_inputs else None
-            clips.append(StabilizerClip(restored, hq, lq, name=d.name))
+        clips = load_clip_folders(a.clips, use_inputs=not a.no_inputs)
         source = {"clips": [str(p) for p in a.clips]}
     cfg = TrainStabilizerConfig(kind=a.kind, steps=a.steps, learning_rate=a.lr, stability_weight=a.stability_weight,
                                 clip_frames=a.clip_frames, crop=a.crop, batch_size=a.batch_size, hidden=a.hidden,

@@ -62,7 +62,7 @@ counts too, so compare against the same score of the reference clip.
 from __future__ import annotations
 
 from .clips import camera_motion_clip, simulate_restorer, synthesize_clips
-from .files import FORMAT_VERSION, load_stabilizer, read_stabilizer_metadata, save_stabilizer
+from .files import FORMAT_VERSION, load_stabilizer, read_stabilizer_metadata, save_stabilizer, stabilizer_output_path
 from .frames import as_sequence
 from .metrics import sequence_metrics, temporal_stability
 from .mixers import (STABILIZER_KINDS, EMAStabilizer, LearnedStabilizer, Stabilizer, StabilizerConfig, StabilizerSpec,
@@ -79,4 +79,5 @@ __all__ = [
     "TrainStabilizerConfig", "TrainStabilizerResult", "train_stabilizer", "camera_motion_clip",
     "simulate_restorer", "synthesize_clips", "VideoResult", "restore_video",
     "StabilizerConfig", "Stabilizer", "StabilizerSpec", "read_stabilizer_metadata", "as_sequence",
+    "stabilizer_output_path",
 ]

@@ -65,6 +65,7 @@ def restore_video(pipe: Any, frames: Any, stabilizer: StabilizerSpec = None, bat
     t0 = time.perf_counter()
     restore_s = 0.0
     calls = 0
+    frame_seconds: list[float] = []
     for idx in _chunks(n, batch_frames):
         ta = time.perf_counter()
         chunk_cb = None
@@ -76,7 +77,9 @@ def restore_video(pipe: Any, frames: Any, stabilizer: StabilizerSpec = None, bat
                            callback=chunk_cb, **restore_kwargs)
         calls += 1
         restored = torch.stack(list(res.final))
-        restore_s += time.perf_counter() - ta
+        dt = time.perf_counter() - ta
+        restore_s += dt
+        frame_seconds += [round(dt / len(idx), 4)] * len(idx)  # a batched call's time, shared by its frames
         raw_out.append(restored)
         stab_out.append(stream.push(restored, seq[idx.start:idx.stop] if use_inputs else None))
         if callback is not None:
@@ -84,7 +87,8 @@ def restore_video(pipe: Any, frames: Any, stabilizer: StabilizerSpec = None, bat
     info = dict(frames=n, seed=seed, batch_frames=batch_frames, restore_calls=calls,
                 stabilizer=getattr(stream.stabilizer, "kind", None), restore_seconds=round(restore_s, 3),
                 stabilizer_seconds=round(stream.seconds, 4), seconds=round(time.perf_counter() - t0, 3),
-                stabilizer_device=str(stream.device) if stream.device is not None else None)
+                stabilizer_device=str(stream.device) if stream.device is not None else None,
+                frame_seconds=frame_seconds)
     if isinstance(stream.stabilizer, EMAStabilizer):
         info["ema_strength"] = stream.stabilizer.b
     return VideoResult(torch.cat(stab_out), torch.cat(raw_out), info)
