@@ -157,7 +157,8 @@ class RestoreVideo:
         comfy_bridge.make_room()
         try:
             result = restore_video(vbridge_model, x, stabilizer=spec, batch_frames=int(batch_frames), seed=int(seed),
-                                   step_callback=on_step, should_cancel=should_cancel, frames=int(frames), steps=steps)
+                                   step_callback=on_step, should_cancel=should_cancel, trajectory_frames=int(frames),
+                                   steps=steps)
         finally:
             bar.close()
         report = video_report(result, x, name)

@@ -164,7 +164,9 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
                                       tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload)
     kw = _sampler_kwargs(a)
     seed = kw.pop("seed")
+    kw.pop("batch_size", None)  # --batch-frames batches the frames
     res = restore_video(pipe, frames, stabilizer=stab, batch_frames=a.batch_frames, seed=seed,
+                        trajectory_frames=kw.pop("frames", None),
                         callback=lambda d, n: logger.info("restored %d/%d frames", d, n), **kw)
     for p, f, r in zip(paths, res.frames, res.raw):
         save_png(f.clamp(0, 1), out / f"{p.stem}.png")

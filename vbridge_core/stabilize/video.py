@@ -30,7 +30,8 @@ def _chunks(n: int, size: int) -> Iterator[range]:
 def restore_video(pipe: Any, frames: Any, stabilizer: StabilizerSpec = None, batch_frames: int = 8, seed: int = 0,
                   callback: Optional[Callable[[int, int], Any]] = None,
                   step_callback: Optional[Callable[[int, int, Any], Any]] = None,
-                  device: Optional[torch.device | str] = None, **restore_kwargs: Any) -> VideoResult:
+                  device: Optional[torch.device | str] = None, trajectory_frames: Optional[int] = None,
+                  **restore_kwargs: Any) -> VideoResult:
     """Restore a video frame by frame with ``pipe.restore`` and stream the outputs through a stabilizer.
 
     ``frames``: ``[T, 3, H, W]`` (or a list) in 0..1, one size. Every frame uses the **same seed**
@@ -45,8 +46,9 @@ def restore_video(pipe: Any, frames: Any, stabilizer: StabilizerSpec = None, bat
     ``device`` (default: the pipeline's device; an object given is moved there) and, when trained
     with inputs, get the LQ frames. ``callback(done_frames, total_frames)`` is called after each
     chunk; ``step_callback(done, total, info)`` after every sampler step, counting frame-steps
-    (``total = T * steps``; ``info`` is the sampler's step info). Other keywords (``steps``,
-    ``frames``, ``should_cancel`` ...) go to ``pipe.restore``.
+    (``total = T * steps``; ``info`` is the sampler's step info). ``trajectory_frames`` is the
+    pseudo-video length of each restore (``pipe.restore(frames=...)``; ``frames`` here is the
+    video). Other keywords (``steps``, ``should_cancel`` ...) go to ``pipe.restore``.
     """
     seq = _as_sequence(frames)
     if seq.shape[1] != 3:
@@ -56,6 +58,8 @@ def restore_video(pipe: Any, frames: Any, stabilizer: StabilizerSpec = None, bat
     for k in ("seed", "same_seed", "batch_size", "callback"):
         if k in restore_kwargs:
             raise InputError(f"restore_video sets {k} itself: pass seed= / batch_frames= / step_callback= instead")
+    if trajectory_frames is not None:
+        restore_kwargs["frames"] = int(trajectory_frames)
     dev = device if device is not None else getattr(pipe, "device", None)
     stream = StreamingStabilizer(stabilizer, device=dev)
     use_inputs = bool(getattr(stream.stabilizer, "use_inputs", False))
