@@ -6,8 +6,8 @@ the UI-only extras: ``control_after_generate`` after a seed, LoadImage's upload 
 values are allowed ones (file-name combos excepted: the files are the user's), links agree with
 the output and input types on both ends, required inputs are connected, and every workflow has its
 thumbnail. Our node definitions come from ``nodes.NODE_CLASS_MAPPINGS``; the core ones are
-restated below from ComfyUI's source (``nodes.py``, ``comfy_extras/nodes_preview_any.py`` and the
-frontend's virtual note nodes, ComfyUI v0.3.64).
+restated below from ComfyUI's source (``nodes.py``, ``comfy_extras/nodes_preview_any.py``,
+``comfy_extras/nodes_video.py`` and the frontend's virtual note nodes, ComfyUI v0.3.64).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 #: Combo values that name the user's own files need not be in the (install-dependent) list.
-FILE_VALUE = re.compile(r"\.(safetensors|sft|ckpt|pt|pth|bin|gguf|png|jpe?g|webp|bmp|tiff?)$", re.IGNORECASE)
+FILE_VALUE = re.compile(r"\.(safetensors|sft|ckpt|pt|pth|bin|gguf|png|jpe?g|webp|bmp|tiff?|mp4|webm|mov|mkv|gif)$",
+                        re.IGNORECASE)
 ANY = "*"
 
 #: ComfyUI core nodes the workflows may use: (socket inputs, widget inputs, outputs), as in
@@ -51,6 +52,18 @@ CORE_NODES: dict[str, dict[str, Any]] = {
     # nodes.py CLIPTextEncode: text STRING (multiline), clip CLIP -> CONDITIONING
     "CLIPTextEncode": {"sockets": [("clip", "CLIP", True)], "widgets": [("text", "STRING")],
                        "outputs": [("CONDITIONING", "CONDITIONING")]},
+    # comfy_extras/nodes_video.py LoadVideo: file (combo of input videos, upload=video) -> VIDEO
+    "LoadVideo": {"sockets": [], "widgets": [("file", None), ("upload", "UI")], "outputs": [("VIDEO", "VIDEO")]},
+    # comfy_extras/nodes_video.py GetVideoComponents: video VIDEO -> images IMAGE, audio AUDIO, fps FLOAT
+    "GetVideoComponents": {"sockets": [("video", "VIDEO", True)], "widgets": [],
+                           "outputs": [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]},
+    # comfy_extras/nodes_video.py CreateVideo: images IMAGE, fps FLOAT (30, 1..120), optional audio AUDIO -> VIDEO
+    "CreateVideo": {"sockets": [("images", "IMAGE", True), ("audio", "AUDIO", False)],
+                    "widgets": [("fps", ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0}))],
+                    "outputs": [("VIDEO", "VIDEO")]},
+    # comfy_extras/nodes_video.py SaveVideo: video VIDEO, filename_prefix STRING, format/codec combos; output node
+    "SaveVideo": {"sockets": [("video", "VIDEO", True)], "widgets": [
+        ("filename_prefix", "STRING"), ("format", (["auto", "mp4"],)), ("codec", (["auto", "h264"],))], "outputs": []},
     # frontend virtual nodes (never sent to the server): one text widget
     "Note": {"sockets": [], "widgets": [("text", "STRING")], "outputs": [], "virtual": True},
     "MarkdownNote": {"sockets": [], "widgets": [("text", "STRING")], "outputs": [], "virtual": True},
@@ -163,7 +176,8 @@ def workflow(request) -> tuple[str, dict[str, Any]]:
 
 def test_there_are_example_workflows():
     assert {p.stem for p in WORKFLOWS} >= {"restore_image", "restore_drift_correct", "restore_and_compare",
-                                           "train_restoration_lora", "train_drift_correction_lora"}
+                                           "train_restoration_lora", "train_drift_correction_lora",
+                                           "restore_video_stabilized"}
 
 
 def test_top_level_structure(workflow):

@@ -40,9 +40,12 @@ LINK_COLOURS = {  # close to ComfyUI's default link colours
     "VBRIDGE_PAIRS": (230, 140, 180),
     "VBRIDGE_TRAIN_SETTINGS": (120, 200, 190),
     "CLIP": (255, 213, 0),
+    "VIDEO": (240, 120, 90),
+    "AUDIO": (120, 160, 230),
+    "FLOAT": (170, 170, 255),
 }
 OUR_PREFIXES = ("LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
-                "TrainLoRA")
+                "TrainLoRA", "RestoreVideo", "TrainStabilizer")
 NOTE_TYPES = ("Note", "MarkdownNote")
 
 
