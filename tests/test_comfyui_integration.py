@@ -22,6 +22,10 @@ with the conditioning link, and LoadVBridge gets the tiny restoration LoRA, whic
 the pack's sample folder, the curriculum is lowered to ``64:3`` and the settings to one crop per pair,
 2-step validation/restore passes and a checkpoint every 2 steps. The test then checks the LoRA file
 in ``models/loras/vbridge/`` and that LoadVBridge and core LoraLoader list it.
+
+The video workflow loads ``input/degraded_clip.mp4``, a 6-frame 48x48 H.264 clip written at start-up
+with ComfyUI's own PyAV (the degraded sample panning, with noise re-drawn per frame); video savers
+(``SaveVideo`` ...) must have written their file.
 """
 from __future__ import annotations
 
@@ -56,7 +60,27 @@ pytestmark = pytest.mark.skipif(
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 OUR_NODES = {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
-             "TrainLoRASettings", "TrainLoRA"}
+             "TrainLoRASettings", "TrainLoRA", "RestoreVideo", "TrainStabilizer"}
+#: Core nodes that save a video (their UI output lists the files under "images").
+VIDEO_SAVERS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
+#: Script run with ComfyUI's Python (it has PyAV): a 6-frame 48x48 H.264 clip of the degraded sample
+#: panning 2 px per frame with noise re-drawn every frame (flicker), for LoadVideo.
+_CLIP_SCRIPT = """
+import sys, av, numpy as np
+from PIL import Image
+img = np.asarray(Image.open(sys.argv[1]).convert("RGB"), dtype=np.float32)
+rng = np.random.default_rng(0)
+out = av.open(sys.argv[2], mode="w")
+st = out.add_stream("libx264", rate=8)
+st.width, st.height, st.pix_fmt = 48, 48, "yuv420p"
+for t in range(6):
+    f = img[4:52, 2 * t:2 * t + 48] + rng.normal(0, 12, (48, 48, 3))
+    for p in st.encode(av.VideoFrame.from_ndarray(np.clip(f, 0, 255).astype(np.uint8), format="rgb24")):
+        out.mux(p)
+for p in st.encode():
+    out.mux(p)
+out.close()
+"""
 #: Text-encoder nodes removed from the training workflows (a tiny umt5 cannot be loaded by CLIPLoader).
 TEXT_ENCODER_NODES = {"CLIPLoader", "CLIPTextEncode"}
 TRAIN_STAGES = "64:3"
@@ -209,6 +233,8 @@ def server(tmp_path_factory):
     samples = ROOT / "vbridge_core" / "assets" / "samples" / "denoise"
     shutil.copy(samples / "lq" / "shapes.png", base / "input" / "degraded.png")
     shutil.copy(samples / "hq" / "shapes.png", base / "input" / "reference.png")
+    subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", _CLIP_SCRIPT,
+                    str(samples / "lq" / "shapes.png"), str(base / "input" / "degraded_clip.mp4")], check=True)
     _write_models(models)
     yaml = base / "extra_model_paths.yaml"
     yaml.write_text(
@@ -341,6 +367,12 @@ def test_workflow_runs_in_comfyui(server, object_info, path):
             f = server.base / folder / im.get("subfolder", "") / im["filename"]
             assert f.is_file() and f.stat().st_size > 0, f
     for nid, n in prompt.items():
+        if n["class_type"] in VIDEO_SAVERS:
+            saved = outputs.get(nid, {}).get("images", [])
+            assert saved, f"{path.name}: node {nid} ({n['class_type']}) saved no video"
+            for v in saved:
+                f = server.base / "output" / v.get("subfolder", "") / v["filename"]
+                assert f.is_file() and f.stat().st_size > 0, f
         if n["class_type"] == "PreviewAny":
             text = outputs.get(nid, {}).get("text", [])
             assert text and text[0] and text[0] != "None", f"{path.name}: node {nid} shows no text"
