@@ -336,3 +336,30 @@ def test_cli_train_stabilizer(tmp_path):
     assert S.load_stabilizer(out2).use_inputs
     (clip / "restored").rename(clip / "old")
     assert main(["train-stabilizer", "--clips", str(clip), "--out", str(out2), "--steps", "1"]) == 2
+
+
+def test_cli_restore_video(tmp_path, tiny_model_dir):
+    """restore-video: same seed, --batch-frames batching, EMA, raw frames and settings written."""
+    import json
+
+    from vbridge_core.cli import main
+    from vbridge_core.images import load_image, save_png
+    from vbridge_core.lora import LoraLayer, write_lora
+    from vbridge_core.tiny import tiny_prompt_embeds
+
+    g = torch.Generator().manual_seed(0)
+    lora = write_lora(tmp_path / "r.safetensors", {"blocks.0.attn1.to_q": LoraLayer(
+        torch.randn(4, 256, generator=g) * 0.05, torch.randn(256, 4, generator=g) * 0.05, 4.0)}, rank=4, alpha=4,
+        metadata={"role": "restoration", "frames": 5}, prompt_embeds=tiny_prompt_embeds(1))
+    clip = S.camera_motion_clip(make_photo(4, 64), 3, size=32)
+    for t in range(3):
+        save_png(clip[t], tmp_path / "frames" / f"f{t}.png")
+    out = tmp_path / "out"
+    assert main(["restore-video", str(tmp_path / "frames"), "--out", str(out), "--model", str(tiny_model_dir),
+                 "--lora", str(lora), "--ema", "0.5", "--batch-frames", "2", "--steps", "2", "--frames", "5",
+                 "--save-raw"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["f0.png", "f1.png", "f2.png"]
+    assert len(list((out / "raw").glob("*.png"))) == 3
+    info = json.loads((out / "vbridge_video_settings.json").read_text())["info"]
+    assert info["restore_calls"] == 2 and info["ema_strength"] == 0.5
+    assert torch.allclose(load_image(out / "f0.png"), load_image(out / "raw" / "f0.png"))
