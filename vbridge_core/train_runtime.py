@@ -237,25 +237,6 @@ def remove_checkpoints(out_path: str | Path, *, states_only: bool = False) -> in
     return removed
 
 
-def _drop_training_adapter(pipe: Any) -> None:
-    """Remove a training adapter a failed run left on the model (the loop cleans up only once it has
-    started stepping; a refused resume, for instance, fails earlier), so the model stays usable."""
-    from .lora import loaded_loras, remove_lora
-    from .training.loop import TRAIN_ADAPTER
-
-    transformer = pipe.transformer
-    if TRAIN_ADAPTER in loaded_loras(transformer):
-        logger.debug("removing the leftover %s adapter", TRAIN_ADAPTER)
-        remove_lora(transformer, TRAIN_ADAPTER)
-        if bool(getattr(transformer, "gradient_checkpointing", False)) and hasattr(
-                transformer, "disable_gradient_checkpointing"):
-            transformer.disable_gradient_checkpointing()
-        for p in transformer.parameters():
-            p.requires_grad_(False)
-        transformer.eval()
-        pipe._activate(None)
-
-
 @contextlib.contextmanager
 def models_on_device(pipe: Any):
     """Training needs the DiT on the compute device the whole time: a pipeline loaded with ``offload``
@@ -331,7 +312,6 @@ def run_training(pipe: Any, pairs: Any, config: "TrainConfig", out_path: str | P
                              "are removed), or choose another output_name") from None
         raise
     finally:
-        _drop_training_adapter(pipe)
         # drift data generation reloads the restoration LoRA at strength 1: put the user's strengths back
         for role, strength in saved_strengths.items():
             if role in pipe.adapters and strength is not None:

@@ -181,100 +181,116 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
         p.data = p.data.float()
         p.requires_grad_(True)
     had_gc = bool(getattr(transformer, "gradient_checkpointing", False))
+    was_training = transformer.training
+
+    def restore_model() -> None:
+        """Leave the pipeline as it was: no training adapter, no trainable weights, VAE back home."""
+        transformer.train(was_training)
+        if not had_gc and config.gradient_checkpointing and hasattr(transformer, "disable_gradient_checkpointing"):
+            transformer.disable_gradient_checkpointing()
+        remove_lora(transformer, TRAIN_ADAPTER)
+        for p in transformer.parameters():
+            p.requires_grad_(False)
+        pipe._activate(None)
+        pipe.vae.to(vae_home)
     if config.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
     opt = make_optimizer(params, config)
     gen = torch.Generator().manual_seed(config.seed)
     prompt = prompt_embeds.to(pipe.device)
 
-    losses: list[float] = []
-    skipped: list[int] = []
-    history: list[dict[str, Any]] = []
-    start = 0
-    last_ckpt: Optional[Path] = None
-    if resume is not None:
-        rpath = ckpt.find_resume(resume, out_path)
-        if rpath is not None:
-            state = ckpt.load_checkpoint(rpath)
-            diff = ckpt.config_differences(state["config"], config.to_dict(), RESUME_FREE_FIELDS)
-            if diff:
-                raise InputError(f"cannot resume from {rpath}: the run's settings differ in {', '.join(diff)}; "
-                                 "resume with the same settings, or start a new run")
-            saved = state["lora"]
-            if set(saved) != {n for n, _ in names_params}:
-                raise InputError(f"checkpoint {rpath} holds a different set of LoRA layers")
-            with torch.no_grad():
-                for n, p in names_params:
-                    p.copy_(saved[n].to(p))
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            start, losses, skipped, history = state["step"], list(state["losses"]), list(state["skipped"]), \
-                list(state.get("validation", []))
-            last_ckpt = rpath
-            logger.info("resumed from %s at step %d of %d", rpath, start, total)
+    try:  # a failure before the loop (e.g. a refused resume) must still remove the adapter
+        losses: list[float] = []
+        skipped: list[int] = []
+        history: list[dict[str, Any]] = []
+        start = 0
+        last_ckpt: Optional[Path] = None
+        if resume is not None:
+            rpath = ckpt.find_resume(resume, out_path)
+            if rpath is not None:
+                state = ckpt.load_checkpoint(rpath)
+                diff = ckpt.config_differences(state["config"], config.to_dict(), RESUME_FREE_FIELDS)
+                if diff:
+                    raise InputError(f"cannot resume from {rpath}: the run's settings differ in {', '.join(diff)}; "
+                                     "resume with the same settings, or start a new run")
+                saved = state["lora"]
+                if set(saved) != {n for n, _ in names_params}:
+                    raise InputError(f"checkpoint {rpath} holds a different set of LoRA layers")
+                with torch.no_grad():
+                    for n, p in names_params:
+                        p.copy_(saved[n].to(p))
+                opt.load_state_dict(state["optimizer"])
+                gen.set_state(state["generator"])
+                start, losses, skipped, history = state["step"], list(state["losses"]), list(state["skipped"]), \
+                    list(state.get("validation", []))
+                last_ckpt = rpath
+                logger.info("resumed from %s at step %d of %d", rpath, start, total)
 
-    def lora_meta(step: int) -> dict[str, Any]:
-        meta = dict(role=config.role, frames=config.frames, alpha_schedule=config.alpha_schedule,
-                    steps=step, base_model="Wan2.2-TI2V-5B", resolution_curriculum=format_stages(stages),
-                    shift=config.shift, rank=config.rank, lora_alpha=config.alpha,
-                    train_config=config.to_dict(), tasks=train_set.tasks, train_pairs=len(train_set))
-        if history:
-            meta["validation"] = history[-1]
-        meta.update(metadata or {})
-        return meta
+        def lora_meta(step: int) -> dict[str, Any]:
+            meta = dict(role=config.role, frames=config.frames, alpha_schedule=config.alpha_schedule,
+                        steps=step, base_model="Wan2.2-TI2V-5B", resolution_curriculum=format_stages(stages),
+                        shift=config.shift, rank=config.rank, lora_alpha=config.alpha,
+                        train_config=config.to_dict(), tasks=train_set.tasks, train_pairs=len(train_set))
+            if history:
+                meta["validation"] = history[-1]
+            meta.update(metadata or {})
+            return meta
 
-    def write_lora_file(path: Path, step: int) -> Path:
-        state = lora_state_from_peft(transformer, TRAIN_ADAPTER)
-        return write_lora(path, state, rank=config.rank, alpha=config.alpha, metadata=lora_meta(step),
-                          prompt_embeds=prompt_embeds.cpu(),
-                          negative_prompt_embeds=negative_prompt_embeds.cpu() if negative_prompt_embeds is not None
-                          else None)
+        def write_lora_file(path: Path, step: int) -> Path:
+            state = lora_state_from_peft(transformer, TRAIN_ADAPTER)
+            return write_lora(path, state, rank=config.rank, alpha=config.alpha, metadata=lora_meta(step),
+                              prompt_embeds=prompt_embeds.cpu(),
+                              negative_prompt_embeds=negative_prompt_embeds.cpu() if negative_prompt_embeds is not None
+                              else None)
 
-    def save_state(step: int) -> Optional[Path]:
-        nonlocal last_ckpt
-        if is_main:
-            state = dict(lora={n: p.detach().cpu().clone() for n, p in names_params}, optimizer=opt.state_dict(),
-                         generator=gen.get_state(), losses=losses, skipped=skipped, validation=history,
-                         config=config.to_dict())
-            last_ckpt = ckpt.save_checkpoint(folder, step, state, config.keep_checkpoints)
-            write_lora_file(ckpt.lora_path(folder, step), step)
-            report(TrainProgress("checkpoint", step, total, path=last_ckpt))
-        acc.wait_for_everyone()
-        return last_ckpt
+        def save_state(step: int) -> Optional[Path]:
+            nonlocal last_ckpt
+            if is_main:
+                state = dict(lora={n: p.detach().cpu().clone() for n, p in names_params}, optimizer=opt.state_dict(),
+                             generator=gen.get_state(), losses=losses, skipped=skipped, validation=history,
+                             config=config.to_dict())
+                last_ckpt = ckpt.save_checkpoint(folder, step, state, config.keep_checkpoints)
+                write_lora_file(ckpt.lora_path(folder, step), step)
+                report(TrainProgress("checkpoint", step, total, path=last_ckpt))
+            acc.wait_for_everyone()
+            return last_ckpt
 
-    # ---------------------------------------------------------------- validation
-    val = None
-    before_outs: Optional[list[torch.Tensor]] = None
-    after_outs: Optional[list[torch.Tensor]] = None
+        # ---------------------------------------------------------------- validation
+        val = None
+        before_outs: Optional[list[torch.Tensor]] = None
+        after_outs: Optional[list[torch.Tensor]] = None
 
-    def validate(step: int, label: str) -> list[torch.Tensor]:
-        was = transformer.training
-        transformer.eval()
-        try:
-            with vae_on(pipe), _autocast(pipe, config):
-                metrics, outs = val.run(pipe, prompt, seed=config.seed)
-        finally:
-            transformer.train(was)
-        history.append(dict(step=step, label=label, **{k: round(v, 6) for k, v in metrics.items()}))
-        logger.info("validation at step %d (%s): PSNR %.3f dB, SSIM %.4f, latent MSE %.5f", step, label,
-                    metrics["psnr"], metrics["ssim"], metrics["latent_mse"])
-        report(TrainProgress("validation", step, total, metrics=metrics))
-        return outs
+        def validate(step: int, label: str) -> list[torch.Tensor]:
+            was = transformer.training
+            transformer.eval()
+            try:
+                with vae_on(pipe), _autocast(pipe, config):
+                    metrics, outs = val.run(pipe, prompt, seed=config.seed)
+            finally:
+                transformer.train(was)
+            history.append(dict(step=step, label=label, **{k: round(v, 6) for k, v in metrics.items()}))
+            logger.info("validation at step %d (%s): PSNR %.3f dB, SSIM %.4f, latent MSE %.5f", step, label,
+                        metrics["psnr"], metrics["ssim"], metrics["latent_mse"])
+            report(TrainProgress("validation", step, total, metrics=metrics))
+            return outs
 
-    if len(val_set) and is_main:
-        val_res = config.validation_resolution or stages[-1].resolution
-        with vae_on(pipe):
-            val = _ValidationHolder.build(pipe, val_set, val_res, config)
-        set_active_loras(transformer, {})
-        before_outs = validate(start, "base")
-        if start:
-            history.pop()  # the resumed history already holds the pre-training row
-        set_active_loras(transformer, {TRAIN_ADAPTER: 1.0})
+        if len(val_set) and is_main:
+            val_res = config.validation_resolution or stages[-1].resolution
+            with vae_on(pipe):
+                val = _ValidationHolder.build(pipe, val_set, val_res, config)
+            set_active_loras(transformer, {})
+            before_outs = validate(start, "base")
+            if start:
+                history.pop()  # the resumed history already holds the pre-training row
+            set_active_loras(transformer, {TRAIN_ADAPTER: 1.0})
 
-    # ---------------------------------------------------------------- loop
+        # ---------------------------------------------------------------- loop
+    except BaseException:
+        restore_model()
+        raise
+
     cache = None
     cache_stage = -1
-    was_training = transformer.training
     transformer.train()
     if pipe.device.type != "cpu":
         pipe.vae.to("cpu")
@@ -352,14 +368,7 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
             result_path = write_lora_file(out_path, total)
         acc.wait_for_everyone()
     finally:
-        transformer.train(was_training)
-        if not had_gc and config.gradient_checkpointing and hasattr(transformer, "disable_gradient_checkpointing"):
-            transformer.disable_gradient_checkpointing()
-        remove_lora(transformer, TRAIN_ADAPTER)
-        for p in transformer.parameters():
-            p.requires_grad_(False)
-        pipe._activate(None)
-        pipe.vae.to(vae_home)
+        restore_model()
 
     from .plots import loss_curve_image, validation_grid
 
