@@ -6,7 +6,6 @@ tiny stabilizers. Training runs single-threaded: on a shared 2-core machine that
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
