@@ -255,7 +255,7 @@ class TrainLoRA:
         from vbridge_core.errors import Cancelled, InputError
         from vbridge_core.images import bchw_to_comfy
         from vbridge_core.train_runtime import (make_train_config, merged_settings, output_lora_path,
-                                                placeholder_image, run_training, summary, training_prompt)
+                                                message_image, run_training, summary, training_prompt)
 
         from .restore_nodes import _check_model
 
@@ -288,7 +288,7 @@ class TrainLoRA:
         info = summary(result, config)
         comfy_bridge.show_text(unique_id, info)
         logger.info("V-Bridge training done:\n%s", info)
-        curve = result.loss_curve if result.loss_curve is not None else placeholder_image("no loss recorded")
-        grid = result.validation_grid if result.validation_grid is not None else placeholder_image(
+        curve = result.loss_curve if result.loss_curve is not None else message_image("no loss recorded")
+        grid = result.validation_grid if result.validation_grid is not None else message_image(
             "no validation pairs held out\n(raise validation_fraction in the settings node, or add pairs)")
         return str(result.path), bchw_to_comfy(curve), bchw_to_comfy(grid), info

@@ -12,7 +12,7 @@ What the node needs beyond :func:`training.loop.train_lora` / :func:`training.dr
   ``resume`` the newest checkpoint of the same output name is continued; without it old checkpoints
   of that name are removed first; after a finished run the (large) optimizer states are deleted,
   the per-checkpoint LoRA files stay;
-- a short text summary and a placeholder picture when there is no validation set.
+- a short text summary and a picture with that message when there is no validation set.
 
 This module imports torch only inside functions, so front ends can read the defaults cheaply.
 """
@@ -342,7 +342,7 @@ def summary(result: "TrainResult", config: "TrainConfig") -> str:
     return "\n".join(lines)
 
 
-def placeholder_image(text: str, width: int = 512, height: int = 128) -> "torch.Tensor":
+def message_image(text: str, width: int = 512, height: int = 128) -> "torch.Tensor":
     """A ``[3, H, W]`` grey picture with ``text`` (for an IMAGE output that has nothing to show)."""
     import numpy as np
     import torch
