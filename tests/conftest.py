@@ -32,3 +32,11 @@ def tiny_prompt():
     from vbridge_core.tiny import tiny_prompt_embeds
 
     return tiny_prompt_embeds()
+
+
+@pytest.fixture
+def models_env(monkeypatch, models_root):
+    """``$VBRIDGE_MODELS_DIR`` set to the test file's own ``models_root`` fixture (a ComfyUI-like models
+    folder, see ``tiny_files.comfy_models_root``); node test files use it for every test via
+    ``pytestmark = pytest.mark.usefixtures("models_env")``."""
+    monkeypatch.setenv("VBRIDGE_MODELS_DIR", str(models_root))

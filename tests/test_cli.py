@@ -14,22 +14,9 @@ import torch
 
 from vbridge_core.cli import build_parser, main
 from vbridge_core.images import save_png
-from vbridge_core.lora import LoraLayer, write_lora
-from vbridge_core.tiny import TINY_TRANSFORMER_CONFIG, tiny_prompt_embeds
+from tiny_files import random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _random_lora(path: Path, role: str, seed: int, dim: int = 256, layers: int = 2) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    w = {}
-    for i in range(layers):
-        for m in ("attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.2"):
-            out_f, in_f = (dim, TINY_TRANSFORMER_CONFIG["ffn_dim"]) if m == "ffn.net.2" else (dim, dim)
-            w[f"blocks.{i}.{m}"] = LoraLayer(torch.randn(4, in_f, generator=g) * 0.05,
-                                             torch.randn(out_f, 4, generator=g) * 0.05, 4.0)
-    return write_lora(path, w, rank=4, alpha=4, metadata={"role": role, "frames": 5},
-                      prompt_embeds=tiny_prompt_embeds(seed), negative_prompt_embeds=tiny_prompt_embeds(seed + 1))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +31,7 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_loras")
-    return _random_lora(d / "r.safetensors", "restoration", 1), _random_lora(d / "d.safetensors", "drift_correction", 2)
+    return random_lora(d / "r.safetensors", "restoration", 1), random_lora(d / "d.safetensors", "drift_correction", 2)
 
 
 def test_help_documents_every_flag(capsys):
@@ -112,7 +99,7 @@ def test_missing_input_unwritable_out_and_foreign_lora(tmp_path, tiny_model_dir,
     assert main(["restore", str(inputs / "b.png"), "--out", str(blocker / "sub"), "--model",
                  str(tiny_model_dir)]) == 2
     assert "output directory" in capsys.readouterr().err
-    big = _random_lora(tmp_path / "big.safetensors", "restoration", 3, dim=5120, layers=1)
+    big = random_lora(tmp_path / "big.safetensors", "restoration", 3, dim=5120, layers=1)
     assert main(["restore", str(inputs / "b.png"), "--out", str(tmp_path / "o2"), "--model", str(tiny_model_dir),
                  "--lora", str(big)]) == 2
     err = capsys.readouterr().err

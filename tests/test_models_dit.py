@@ -19,6 +19,7 @@ from vbridge_core.checkpoints import (KIND_FLUX, KIND_LORA, KIND_SD1, KIND_SDXL,
 from vbridge_core.errors import ModelFileError, WrongModelError
 from vbridge_core.models import load_transformer, load_vae, resolve_model_files
 
+from tiny_files import TINY_OFFICIAL_VAE, spread_vae_weights
 from wan_official import load_official
 
 TEXT_LEN = 8
@@ -480,18 +481,8 @@ def test_load_vae_single_file_matches_official(tmp_path):
     """Original-layout Wan2.2 VAE files (plain, prefixed, the release's .pth) load via vae_convert."""
     pytest.importorskip("vbridge_core.vae_convert")
     _, vae_mod = load_official()
-    official_vae = vae_mod.WanVAE_(dim=16, dec_dim=24, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                   attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
     g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in official_vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    official_vae.eval()
+    official_vae = spread_vae_weights(vae_mod.WanVAE_(**TINY_OFFICIAL_VAE), g).eval()
     sd = official_vae.state_dict()
     x = torch.rand(1, 3, 1, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():

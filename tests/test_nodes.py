@@ -18,49 +18,23 @@ import nodes as pack
 from nodes import comfy_bridge, data_nodes, loader_nodes, restore_nodes
 from vbridge_core.errors import InputError, ModelFileError, VBridgeError, WrongModelError
 from vbridge_core.images import save_png
-from vbridge_core.lora import LoraLayer, write_lora
-from vbridge_core.tiny import TINY_TRANSFORMER_CONFIG, tiny_prompt_embeds
+from vbridge_core.tiny import tiny_prompt_embeds
+from tiny_files import call_node, comfy_models_root, models_dir
 
 NODES = pack.NODE_CLASS_MAPPINGS
-
-
-def _random_lora(path: Path, role: str, seed: int, dim: int = 256) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    w = {}
-    for i in range(2):
-        for m in ("attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.2"):
-            out_f, in_f = (dim, TINY_TRANSFORMER_CONFIG["ffn_dim"]) if m == "ffn.net.2" else (dim, dim)
-            w[f"blocks.{i}.{m}"] = LoraLayer(torch.randn(4, in_f, generator=g) * 0.05,
-                                             torch.randn(out_f, 4, generator=g) * 0.05, 4.0)
-    return write_lora(path, w, rank=4, alpha=4, metadata={"role": role, "frames": 5},
-                      prompt_embeds=tiny_prompt_embeds(seed), negative_prompt_embeds=tiny_prompt_embeds(seed + 1))
+pytestmark = pytest.mark.usefixtures("models_env")
 
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory, tiny_model_dir) -> Path:
     """A ComfyUI-like models folder holding the tiny DiT and VAE as single files, and two LoRAs."""
-    root = tmp_path_factory.mktemp("comfy_models")
-    (root / "diffusion_models").mkdir()
-    (root / "vae").mkdir()
-    (root / "loras" / "vbridge").mkdir(parents=True)
-    shutil.copy(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors",
-                root / "diffusion_models" / "tiny_dit.safetensors")
-    shutil.copy(tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors", root / "vae" / "tiny_vae.safetensors")
-    _random_lora(root / "loras" / "vbridge" / "restore.safetensors", "restoration", 1)
-    _random_lora(root / "loras" / "vbridge" / "drift.safetensors", "drift_correction", 2)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _models_env(monkeypatch, models_root):
-    monkeypatch.setenv("VBRIDGE_MODELS_DIR", str(models_root))
+    return comfy_models_root(tmp_path_factory.mktemp("comfy_models"), tiny_model_dir, {
+        "restore.safetensors": dict(role="restoration", seed=1),
+        "drift.safetensors": dict(role="drift_correction", seed=2)})
 
 
 def _call(name: str, **kwargs: Any) -> tuple:
-    cls = NODES[name]
-    out = getattr(cls(), cls.FUNCTION)(**kwargs)
-    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES)
-    return out
+    return call_node(name, inference_mode=False, **kwargs)
 
 
 def _load_kwargs(**over: Any) -> dict[str, Any]:
@@ -73,12 +47,8 @@ def _load_kwargs(**over: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def model(models_root):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VBRIDGE_MODELS_DIR", str(models_root))
-    try:
+    with models_dir(models_root):
         (pipe,) = _call("LoadVBridge", **_load_kwargs())
-    finally:
-        mp.undo()
     return pipe
 
 

@@ -5,13 +5,12 @@ tiny stabilizers. Training runs single-threaded: on a shared 2-core machine that
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from vbridge_core import stabilize as S
 from vbridge_core.errors import InputError, ModelFileError
+from tiny_files import procedural_photo
 
 FAST = dict(steps=150, crop=32, batch_size=4, hidden=16, clip_frames=5, learning_rate=5e-3)
 
@@ -24,32 +23,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def make_photo(seed: int, size: int = 96) -> torch.Tensor:
-    """A procedural 'photo': smooth colour gradients, a few discs and stripes (edges that move)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    img = torch.stack([0.3 + 0.4 * xx, 0.3 + 0.4 * yy, 0.5 + 0.2 * (xx - yy)])
-    for _ in range(6):
-        cx, cy, r = torch.rand(3, generator=g)
-        col = torch.rand(3, 1, 1, generator=g)
-        m = ((xx - cx) ** 2 + (yy - cy) ** 2 < (0.05 + 0.15 * r) ** 2).float()
-        img = img * (1 - m) + col * m
-    f = 6 + 10 * float(torch.rand(1, generator=g))
-    stripes = (torch.sin(2 * math.pi * f * (xx + 0.5 * yy)) > 0).float()
-    band = (yy > 0.7).float()
-    img = img * (1 - band) + (0.2 + 0.6 * stripes) * band
-    return img.clamp(0, 1)
-
-
 @pytest.fixture(scope="module")
 def train_clips():
-    photos = [make_photo(s) for s in range(3)]
+    photos = [procedural_photo(s) for s in range(3)]
     return S.synthesize_clips(photos, n_frames=8, seed=0, size=48, clips_per_photo=2)
 
 
 @pytest.fixture(scope="module")
 def test_clips():
-    photos = [make_photo(s) for s in range(10, 12)]
+    photos = [procedural_photo(s) for s in range(10, 12)]
     return S.synthesize_clips(photos, n_frames=12, seed=7, size=48)
 
 
@@ -254,7 +236,7 @@ class FakePipe:
 
 
 def test_restore_video_same_seed_chunks_and_stabilizer():
-    frames = make_photo(3, 32).expand(5, -1, -1, -1).clone()
+    frames = procedural_photo(3, 32).expand(5, -1, -1, -1).clone()
     pipe = FakePipe()
     res = S.restore_video(pipe, frames, stabilizer=0.5, batch_frames=2, seed=9, steps=3)
     assert pipe.seeds == [9] * 5
@@ -309,7 +291,7 @@ def test_cli_train_stabilizer(tmp_path):
 
     photos = tmp_path / "photos"
     for i in range(2):
-        save_png(make_photo(i, 64), photos / f"p{i}.png")
+        save_png(procedural_photo(i, 64), photos / f"p{i}.png")
     out = tmp_path / "stab.safetensors"
     deg = []
     try:
@@ -323,7 +305,7 @@ def test_cli_train_stabilizer(tmp_path):
     assert main(args + deg + ["--stability-weight", "9"]) == 2  # above the collapse bound of 5-frame windows
     # real clips: restored/ hq/ lq/ folders
     clip = tmp_path / "clips" / "c0"
-    seq = S.camera_motion_clip(make_photo(5, 64), 5, size=24)
+    seq = S.camera_motion_clip(procedural_photo(5, 64), 5, size=24)
     noisy = S.simulate_restorer(seq, seed=1)
     for t in range(5):
         save_png(noisy[t], clip / "restored" / f"f{t:03d}.png")
@@ -350,7 +332,7 @@ def test_cli_restore_video(tmp_path, tiny_model_dir):
     lora = write_lora(tmp_path / "r.safetensors", {"blocks.0.attn1.to_q": LoraLayer(
         torch.randn(4, 256, generator=g) * 0.05, torch.randn(256, 4, generator=g) * 0.05, 4.0)}, rank=4, alpha=4,
         metadata={"role": "restoration", "frames": 5}, prompt_embeds=tiny_prompt_embeds(1))
-    clip = S.camera_motion_clip(make_photo(4, 64), 3, size=32)
+    clip = S.camera_motion_clip(procedural_photo(4, 64), 3, size=32)
     for t in range(3):
         save_png(clip[t], tmp_path / "frames" / f"f{t}.png")
     out = tmp_path / "out"

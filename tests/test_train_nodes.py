@@ -8,7 +8,6 @@ pressed) and ``comfy_bridge.throw_if_interrupted`` (ComfyUI's interrupt exceptio
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,49 +19,22 @@ from nodes import comfy_bridge
 from vbridge_core import train_runtime
 from vbridge_core.errors import InputError
 from vbridge_core.images import save_png
-from vbridge_core.lora import LoraLayer, read_lora, write_lora
-from vbridge_core.tiny import TINY_TRANSFORMER_CONFIG, tiny_prompt_embeds
+from vbridge_core.lora import read_lora
+from vbridge_core.tiny import tiny_prompt_embeds
 from vbridge_core.training.checkpoint import checkpoint_dir, list_checkpoints
+from tiny_files import call_node, comfy_models_root, models_dir
 
 NODES = pack.NODE_CLASS_MAPPINGS
-
-
-def _random_lora(path: Path, role: str, seed: int, dim: int = 256) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    w = {}
-    for i in range(2):
-        for m in ("attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.2"):
-            out_f, in_f = (dim, TINY_TRANSFORMER_CONFIG["ffn_dim"]) if m == "ffn.net.2" else (dim, dim)
-            w[f"blocks.{i}.{m}"] = LoraLayer(torch.randn(4, in_f, generator=g) * 0.05,
-                                             torch.randn(out_f, 4, generator=g) * 0.05, 4.0)
-    return write_lora(path, w, rank=4, alpha=4, metadata={"role": role, "frames": 5, "prompt": "tiny prompt"},
-                      prompt_embeds=tiny_prompt_embeds(seed), negative_prompt_embeds=tiny_prompt_embeds(seed + 1))
+pytestmark = pytest.mark.usefixtures("models_env")
 
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory, tiny_model_dir) -> Path:
-    root = tmp_path_factory.mktemp("comfy_models_train")
-    (root / "diffusion_models").mkdir()
-    (root / "vae").mkdir()
-    (root / "loras" / "vbridge").mkdir(parents=True)
-    shutil.copy(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors",
-                root / "diffusion_models" / "tiny_dit.safetensors")
-    shutil.copy(tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors", root / "vae" / "tiny_vae.safetensors")
-    _random_lora(root / "loras" / "vbridge" / "restore.safetensors", "restoration", 1)
-    return root
+    return comfy_models_root(tmp_path_factory.mktemp("comfy_models_train"), tiny_model_dir, {
+        "restore.safetensors": dict(role="restoration", seed=1, prompt="tiny prompt")})
 
 
-@pytest.fixture(autouse=True)
-def _models_env(monkeypatch, models_root):
-    monkeypatch.setenv("VBRIDGE_MODELS_DIR", str(models_root))
-
-
-def _call(name: str, **kwargs: Any) -> tuple:
-    cls = NODES[name]
-    with torch.inference_mode():  # as ComfyUI executes nodes
-        out = getattr(cls(), cls.FUNCTION)(**kwargs)
-    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES)
-    return out
+_call = call_node  # under torch.inference_mode(), as ComfyUI executes nodes
 
 
 def _load(restoration_lora: str = "none", strength: float = 1.0, memory: str = "keep on GPU"):
@@ -74,12 +46,8 @@ def _load(restoration_lora: str = "none", strength: float = 1.0, memory: str = "
 
 @pytest.fixture(scope="module")
 def bare_model(models_root):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VBRIDGE_MODELS_DIR", str(models_root))
-    try:
+    with models_dir(models_root):
         return _load()
-    finally:
-        mp.undo()
 
 
 @pytest.fixture(scope="module")

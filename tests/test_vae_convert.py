@@ -20,6 +20,7 @@ from vbridge_core.vae_convert import (
     shipped_vae22_config,
     vae22_config_from_state_dict,
 )
+from tiny_files import TINY_OFFICIAL_VAE, spread_vae_weights
 from wan_official import load_official as _load_official_once
 
 
@@ -32,8 +33,6 @@ def load_official():
         return sys.modules["wan.modules.model"], sys.modules["wan.modules.vae2_2"]
     return _load_official_once()
 
-TINY_OFFICIAL = dict(dim=16, dec_dim=24, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], dropout=0.0)
 ARCH_KEYS = ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
              "temperal_downsample", "dropout", "is_residual", "in_channels", "out_channels", "patch_size",
              "scale_factor_temporal", "scale_factor_spatial")
@@ -41,15 +40,8 @@ ARCH_KEYS = ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_block
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Spread the weights so every layer matters (the official init zeroes the attention output)."""
-    g = torch.Generator().manual_seed(seed)
+    spread_vae_weights(model, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
         # keep the decoded pixels mostly inside [-1, 1] so diffusers' clamp does not hide differences
         head = model.decoder.head[2]
         head.weight.mul_(0.05)
@@ -59,7 +51,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _official(seed: int = 0, **overrides):
     _, vae_mod = load_official()
-    return _randomize(vae_mod.WanVAE_(**{**TINY_OFFICIAL, **overrides}), seed)
+    return _randomize(vae_mod.WanVAE_(**{**TINY_OFFICIAL_VAE, **overrides}), seed)
 
 
 def _load_diffusers(sd, **cfg_kwargs):

@@ -6,7 +6,6 @@ ComfyUI's executor. Cancel is simulated by patching ``comfy_bridge.throw_if_inte
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,74 +17,33 @@ from nodes import comfy_bridge
 from vbridge_core import stabilize as S
 from vbridge_core.errors import InputError, ModelFileError
 from vbridge_core.images import save_png
-from vbridge_core.lora import LoraLayer, write_lora
-from vbridge_core.tiny import TINY_TRANSFORMER_CONFIG, tiny_prompt_embeds
+from tiny_files import call_node, comfy_models_root, models_dir, procedural_photo
 
 NODES = pack.NODE_CLASS_MAPPINGS
+pytestmark = pytest.mark.usefixtures("models_env")
 STEPS = 2
-
-
-def _random_lora(path: Path, seed: int, dim: int = 256) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    w = {}
-    for i in range(2):
-        for m in ("attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.2"):
-            out_f, in_f = (dim, TINY_TRANSFORMER_CONFIG["ffn_dim"]) if m == "ffn.net.2" else (dim, dim)
-            w[f"blocks.{i}.{m}"] = LoraLayer(torch.randn(4, in_f, generator=g) * 0.05,
-                                             torch.randn(out_f, 4, generator=g) * 0.05, 4.0)
-    return write_lora(path, w, rank=4, alpha=4, metadata={"role": "restoration", "frames": 5},
-                      prompt_embeds=tiny_prompt_embeds(seed))
 
 
 def _photo(seed: int, size: int = 64) -> torch.Tensor:
     """A procedural photo ``[3, H, W]``: gradients and discs (edges that move under camera motion)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    img = torch.stack([0.3 + 0.4 * xx, 0.3 + 0.4 * yy, 0.5 + 0.2 * (xx - yy)])
-    for _ in range(5):
-        cx, cy, r = torch.rand(3, generator=g)
-        col = torch.rand(3, 1, 1, generator=g)
-        m = ((xx - cx) ** 2 + (yy - cy) ** 2 < (0.05 + 0.15 * r) ** 2).float()
-        img = img * (1 - m) + col * m
-    return img
+    return procedural_photo(seed, size, discs=5, stripes=False)
 
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory, tiny_model_dir) -> Path:
-    root = tmp_path_factory.mktemp("comfy_models_video")
-    (root / "diffusion_models").mkdir()
-    (root / "vae").mkdir()
-    (root / "loras" / "vbridge").mkdir(parents=True)
-    shutil.copy(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors",
-                root / "diffusion_models" / "tiny_dit.safetensors")
-    shutil.copy(tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors", root / "vae" / "tiny_vae.safetensors")
-    _random_lora(root / "loras" / "vbridge" / "restore.safetensors", 1)
-    return root
+    return comfy_models_root(tmp_path_factory.mktemp("comfy_models_video"), tiny_model_dir, {
+        "restore.safetensors": dict(role="restoration", seed=1, negative_prompt=False)})
 
 
-@pytest.fixture(autouse=True)
-def _models_env(monkeypatch, models_root):
-    monkeypatch.setenv("VBRIDGE_MODELS_DIR", str(models_root))
-
-
-def _call(name: str, **kwargs: Any) -> tuple:
-    cls = NODES[name]
-    with torch.inference_mode():  # as ComfyUI executes nodes
-        out = getattr(cls(), cls.FUNCTION)(**kwargs)
-    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES)
-    return out
+_call = call_node  # under torch.inference_mode(), as ComfyUI executes nodes
 
 
 @pytest.fixture(scope="module")
 def model(models_root):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VBRIDGE_MODELS_DIR", str(models_root))
-    try:
+    with models_dir(models_root):
         (pipe,) = _call("LoadVBridge", dit="tiny_dit.safetensors", vae="tiny_vae.safetensors",
                         restoration_lora="vbridge/restore.safetensors", restoration_strength=1.0, drift_lora="none",
                         drift_strength=1.0, precision="bf16", attention="auto", memory="keep on GPU")
-    finally:
-        mp.undo()
     return pipe
 
 

@@ -1,19 +1,32 @@
-"""Atomic file writes: write to a temporary name beside the target, then rename.
+"""Atomic file writes (write to a temporary name beside the target, then rename) and safe output names.
 
-A crash, a cancel or a full disk never leaves a half-written output under the final name.
+A crash, a cancel or a full disk never leaves a half-written output under the final name. A
+user-typed output name (a node's ``output_name``) becomes a plain file name inside one folder.
+
+This module imports torch only for type checking, so :mod:`vbridge_core.train_runtime` stays cheap.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
+from .errors import InputError, OutputError
 
-from .errors import OutputError
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: Longest output file stem accepted from a user-typed name.
+MAX_NAME_LENGTH = 100
+#: Characters kept in an output name; anything else becomes "_".
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=@,-]")
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -66,3 +79,41 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     with atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)
+
+
+def safe_output_name(name: Any, what: str, example: str, folder_hint: str, suffix: str = ".safetensors") -> str:
+    """A safe file stem from a user-typed ``name``; raises :class:`InputError` for unusable names.
+
+    Surrounding blanks and a trailing ``suffix`` are dropped. Folders are refused outright (``a/b``,
+    ``..\\x``, ``../evil``), as are names starting with a dot, so the file always lands in the output
+    folder itself. Other unusual characters (spaces, ``:``, ``*`` ...) become ``_``. ``what`` names
+    the file kind ("LoRA"), ``example`` is a sample stem and ``folder_hint`` where such files are
+    saved (``models/loras/vbridge/``), all for the error messages.
+    """
+    if not isinstance(name, str):
+        raise InputError(f"output_name must be text, got {type(name).__name__}")
+    stem = name.strip()
+    if stem.lower().endswith(suffix):
+        stem = stem[: -len(suffix)].rstrip()
+    if not stem:
+        raise InputError(f"output_name is empty: type a name for the {what} file, e.g. {example} "
+                         f"(it is saved as {folder_hint}{example}{suffix})")
+    if "/" in stem or "\\" in stem or stem.startswith(".") or "\x00" in stem:
+        raise InputError(f"output_name {name!r} must be a plain file name (no folders, not starting with '.'), "
+                         f"e.g. {example}; the {what} is always saved in {folder_hint}")
+    clean = _NAME_CHARS.sub("_", stem)
+    if clean != stem:
+        logger.info("%s name %r saved as %r (only letters, digits and . _ - + = @ , are kept)", what, stem, clean)
+    if len(clean) > MAX_NAME_LENGTH:
+        raise InputError(f"output_name is {len(clean)} characters long; keep it under {MAX_NAME_LENGTH}")
+    return clean
+
+
+def safe_output_path(folder: str | os.PathLike, name: Any, what: str, example: str, folder_hint: str,
+                     suffix: str = ".safetensors") -> Path:
+    """``folder/<safe_output_name(name, ...)><suffix>``, checked to lie directly inside ``folder``."""
+    base = Path(folder).expanduser().resolve()
+    path = (base / (safe_output_name(name, what, example, folder_hint, suffix) + suffix)).resolve()
+    if path.parent != base:  # cannot happen after sanitising; kept as the last line of defence
+        raise InputError(f"output_name {name!r} would write outside {base}")
+    return path

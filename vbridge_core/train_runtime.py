@@ -21,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from .errors import InputError
+from .fileio import safe_output_name, safe_output_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,9 +38,8 @@ ROLES = ("restoration", "drift_correction")
 #: The paper's resolution curriculum (720 is rounded down to 704 by the curriculum parser).
 DEFAULT_STAGES = "512:400,720:300,960:300"
 LORA_SUFFIX = ".safetensors"
-MAX_NAME_LENGTH = 100
-#: Characters kept in an output name; anything else becomes "_".
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=@,-]")
+#: What the output-name errors say about LoRA files (see :func:`vbridge_core.fileio.safe_output_name`).
+_LORA_NAME_HINTS = dict(what="LoRA", example="my_restoration", folder_hint="models/loras/vbridge/", suffix=LORA_SUFFIX)
 
 #: Defaults of every training setting a front end offers (the settings node's widgets, in order).
 #: ``alpha`` 0 means "same as rank" (scale 1). ``restore_steps`` only matters in drift-correction mode.
@@ -84,32 +83,12 @@ def sanitize_output_name(name: Any) -> str:
     (``a/b``, ``..\\x``, ``../evil``), as are names starting with a dot, so the file always lands in
     the LoRA folder itself. Other unusual characters (spaces, ``:``, ``*`` ...) become ``_``.
     """
-    if not isinstance(name, str):
-        raise InputError(f"output_name must be text, got {type(name).__name__}")
-    stem = name.strip()
-    if stem.lower().endswith(LORA_SUFFIX):
-        stem = stem[: -len(LORA_SUFFIX)].rstrip()
-    if not stem:
-        raise InputError("output_name is empty: type a name for the LoRA file, e.g. my_restoration "
-                         "(it is saved as models/loras/vbridge/my_restoration.safetensors)")
-    if "/" in stem or "\\" in stem or stem.startswith(".") or "\x00" in stem:
-        raise InputError(f"output_name {name!r} must be a plain file name (no folders, not starting with '.'), "
-                         "e.g. my_restoration; the LoRA is always saved in models/loras/vbridge/")
-    clean = _NAME_CHARS.sub("_", stem)
-    if clean != stem:
-        logger.info("output name %r saved as %r (only letters, digits and . _ - + = @ , are kept)", stem, clean)
-    if len(clean) > MAX_NAME_LENGTH:
-        raise InputError(f"output_name is {len(clean)} characters long; keep it under {MAX_NAME_LENGTH}")
-    return clean
+    return safe_output_name(name, **_LORA_NAME_HINTS)
 
 
 def output_lora_path(folder: str | Path, name: Any) -> Path:
     """``folder/<sanitised name>.safetensors``, checked to lie directly inside ``folder``."""
-    base = Path(folder).expanduser().resolve()
-    path = (base / (sanitize_output_name(name) + LORA_SUFFIX)).resolve()
-    if path.parent != base:  # cannot happen after sanitising; kept as the last line of defence
-        raise InputError(f"output_name {name!r} would write outside {base}")
-    return path
+    return safe_output_path(folder, name, **_LORA_NAME_HINTS)
 
 
 # --------------------------------------------------------------------------------------------

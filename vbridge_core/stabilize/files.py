@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -12,44 +10,22 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ModelFileError
+from ..fileio import safe_output_path
 from .mixers import STABILIZER_KINDS, EMAStabilizer, LearnedStabilizer, Stabilizer, StabilizerConfig, count_parameters
-
-logger = logging.getLogger("vbridge_core.stabilize")
 
 FORMAT_VERSION = 1
 STABILIZER_SUFFIX = ".safetensors"
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=@,-]")
-_MAX_NAME = 100
 
 
 def stabilizer_output_path(folder: str | os.PathLike, name: Any) -> Path:
     """``folder/<sanitised name>.safetensors`` for a user-typed stabilizer name, checked to lie in ``folder``.
 
     Blanks and a trailing ``.safetensors`` are dropped; folders (``a/b``, ``../x``), names starting
-    with a dot and empty names are refused; other unusual characters become ``_``.
+    with a dot and empty names are refused; other unusual characters become ``_``
+    (:func:`vbridge_core.fileio.safe_output_name`).
     """
-    from ..errors import InputError
-
-    if not isinstance(name, str):
-        raise InputError(f"output_name must be text, got {type(name).__name__}")
-    stem = name.strip()
-    if stem.lower().endswith(STABILIZER_SUFFIX):
-        stem = stem[: -len(STABILIZER_SUFFIX)].rstrip()
-    if not stem:
-        raise InputError("output_name is empty: type a name for the stabilizer file, e.g. my_stabilizer")
-    if "/" in stem or "\\" in stem or stem.startswith(".") or "\x00" in stem:
-        raise InputError(f"output_name {name!r} must be a plain file name (no folders, not starting with '.'), e.g. "
-                         "my_stabilizer; stabilizers are always saved in models/vbridge_stabilizers/")
-    clean = _NAME_CHARS.sub("_", stem)
-    if clean != stem:
-        logger.info("stabilizer name %r saved as %r (only letters, digits and . _ - + = @ , are kept)", stem, clean)
-    if len(clean) > _MAX_NAME:
-        raise InputError(f"output_name is {len(clean)} characters long; keep it under {_MAX_NAME}")
-    base = Path(folder).expanduser().resolve()
-    path = (base / (clean + STABILIZER_SUFFIX)).resolve()
-    if path.parent != base:
-        raise InputError(f"output_name {name!r} would write outside {base}")
-    return path
+    return safe_output_path(folder, name, what="stabilizer", example="my_stabilizer",
+                            folder_hint="models/vbridge_stabilizers/", suffix=STABILIZER_SUFFIX)
 
 
 def save_stabilizer(stabilizer: Stabilizer, path: str | os.PathLike,
