@@ -79,6 +79,7 @@ class VBridgePipeline:
                  negative_prompt_embeds: torch.Tensor | None = None, text_encoder: str | Path | None = None,
                  tokenizer: str | Path | None = None, vae_tiling: bool = False, offload: bool = False) -> None:
         self.offload = bool(offload)
+        self.compiled: str | None = None
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.transformer = transformer
@@ -190,6 +191,24 @@ class VBridgePipeline:
         from .text_encoder import encode_prompt
 
         return encode_prompt(text, self.text_encoder, tokenizer=self.tokenizer, device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ speed
+    def compile(self, backend: str | None = None, mode: str | None = None, fullgraph: bool = True) -> None:
+        """Regional ``torch.compile`` of the DiT's repeated blocks (diffusers' ``compile_repeated_blocks``).
+
+        The 30 identical transformer blocks compile once and are reused, so compiling takes seconds
+        rather than minutes; on an H100 diffusers measured 38.5 ms instead of 63.9 ms per 1024x1024 F=5
+        forward (``shared/anchors``). LoRA adapters stay switchable (a switch may trigger one recompile).
+        ``backend``/``mode`` go to ``torch.compile`` (default inductor).
+        """
+        kwargs: dict[str, Any] = {"fullgraph": fullgraph}
+        if backend is not None:
+            kwargs["backend"] = backend
+        if mode is not None:
+            kwargs["mode"] = mode
+        self.transformer.compile_repeated_blocks(**kwargs)
+        self.compiled = backend or "inductor"
+        logger.info("compiled the DiT blocks (backend %s)", self.compiled)
 
     # ------------------------------------------------------------------ placement
     @contextlib.contextmanager
@@ -310,6 +329,7 @@ class VBridgePipeline:
         info = dict(role=role, frames=frames, steps=steps, seed=seed, same_seed=same_seed, shift=shift, solver=solver,
                     sigma_grid=sigma_grid, guidance=guidance, guidance_skip_tail=guidance_skip_tail,
                     batch_size=batch_size, images=len(imgs), seconds=round(seconds, 3), offload=self.offload,
+                    compiled=self.compiled,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                     adapters={r: a["strength"] for r, a in self.adapters.items()})
         if self.device.type == "cuda":
