@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nodes as pack
-from nodes import comfy_bridge, data_nodes, loader_nodes, restore_nodes
+from nodes import comfy_bridge, loader_nodes
 from vbridge_core.errors import InputError, ModelFileError, VBridgeError, WrongModelError
 from vbridge_core.images import save_png
 from vbridge_core.tiny import tiny_prompt_embeds
