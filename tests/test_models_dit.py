@@ -518,3 +518,19 @@ def test_real_5b_shapes_map_completely_onto_the_shipped_config():
     target = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert set(mapping) == set(target)
     assert all(shapes[mapping[k]] == target[k] for k in target)
+
+
+def test_one_shard_of_a_sharded_folder_loads_the_whole_model(tmp_path):
+    """A full fine-tune saved in shards shows up in ComfyUI's list as several files; picking any one
+    of them loads the whole set."""
+    from vbridge_core.models import load_transformer
+    from vbridge_core.tiny import build_tiny_transformer
+
+    model = build_tiny_transformer(7)
+    model.save_pretrained(tmp_path / "vbridge_full", max_shard_size="2MB", safe_serialization=True)
+    shards = sorted((tmp_path / "vbridge_full").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    loaded = load_transformer(shards[1], dtype=torch.float32)
+    ref = dict(model.state_dict())
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ref[k]), k

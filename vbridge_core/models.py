@@ -105,6 +105,13 @@ def _component_files(path: Path, sub: str, what: str) -> tuple[list[Path], dict[
     if path.is_file():
         if path.name.endswith(_INDEX_SUFFIX):
             return _component_files(path.parent, sub, what)
+        # One shard of a sharded folder (e.g. a full fine-tune picked from ComfyUI's file list): load the
+        # whole set its index names, with the folder's config.
+        for index in sorted(path.parent.glob("*" + _INDEX_SUFFIX)):
+            weight_map = _read_json(index).get("weight_map")
+            if isinstance(weight_map, dict) and path.name in set(weight_map.values()):
+                logger.info("%s is one shard of %s: loading all of its shards", path.name, index.name)
+                return _component_files(path.parent, sub, what)
         return [path], None
     if (path / sub).is_dir():
         path = path / sub
