@@ -169,3 +169,21 @@ def test_regional_compile_keeps_results_and_lora_switching(tmp_path):
     off = p.restore(x, steps=3).final[0]
     torch.testing.assert_close(off, base, atol=1e-5, rtol=0)
     assert (base - eager).abs().max() > 1e-4
+
+
+def test_half_precision_dit_with_fp32_kept_modules_restores_and_trains(tiny_model_dir):
+    """The loader keeps diffusers' fp32 modules (Wan's scale_shift_table is the *first* parameter) when the
+    DiT is loaded in bf16/fp16, as on every GPU by default: the sampler and the training loss must feed the
+    DiT its compute dtype, not the first parameter's (regression: fp32 inputs into a bf16 conv crashed)."""
+    from vbridge_core.sampler import compute_dtype
+    from vbridge_core.training.flow_matching import flow_matching_loss
+
+    for dt in (torch.bfloat16, torch.float16):
+        p = VBridgePipeline.from_files(tiny_model_dir, device="cpu", dtype=dt)
+        assert next(p.transformer.parameters()).dtype == torch.float32  # the fp32-kept first parameter
+        assert compute_dtype(p.transformer) == dt
+        res = p.restore(torch.rand(3, 32, 32), steps=2, prompt_embeds=tiny_prompt_embeds())
+        assert torch.isfinite(res.final[0]).all()
+    z = torch.randn(1, 48, 2, 2, 2)
+    loss = flow_matching_loss(p.transformer, z, tiny_prompt_embeds(), torch.tensor([0.5]), torch.randn_like(z))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

@@ -121,6 +121,20 @@ def make_scheduler(settings: SamplerSettings, device: torch.device | str = "cpu"
     return sched, model_timesteps
 
 
+def compute_dtype(transformer: torch.nn.Module) -> torch.dtype:
+    """The dtype the DiT computes in (what its inputs must be cast to).
+
+    Not simply the first parameter's dtype: diffusers keeps some modules in fp32 (Wan's
+    ``scale_shift_table``, the first parameter, among them) when the model is loaded in bf16/fp16,
+    and fp8 layerwise casting stores weights in fp8 but computes in bf16. diffusers' own
+    ``ModelMixin.dtype`` accounts for both; other modules fall back to the first floating parameter.
+    """
+    dt = getattr(transformer, "dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    return next(p.dtype for p in transformer.parameters() if p.is_floating_point())
+
+
 def first_frame_mask(latent_shape: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
     """``[1, 1, T, h, w]`` mask: 0 on latent frame 0 (the clean condition), 1 elsewhere."""
     _, _, t, h, w = latent_shape
@@ -159,7 +173,7 @@ def sample(
         raise InputError(f"condition {tuple(condition.shape)} must be one latent frame of noise {tuple(noise.shape)}")
     device = noise.device
     batch = noise.shape[0]
-    model_dtype = next(transformer.parameters()).dtype
+    model_dtype = compute_dtype(transformer)
     patch = tuple(transformer.config.patch_size)
     scheduler, model_timesteps = make_scheduler(settings, device)
     mask = first_frame_mask(tuple(noise.shape), device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampler import NUM_TRAIN_TIMESTEPS, first_frame_mask, token_timesteps
+from ..sampler import NUM_TRAIN_TIMESTEPS, compute_dtype, first_frame_mask, token_timesteps
 
 
 def sample_sigmas(batch: int, shift: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -26,7 +26,7 @@ def flow_matching_loss(transformer: torch.nn.Module, latents: torch.Tensor, prom
     ``prompt_embeds`` ``[1 or B, L, D]``. Runs in the transformer's dtype; the loss is fp32.
     """
     b = latents.shape[0]
-    dtype = next(p for p in transformer.parameters()).dtype
+    dtype = compute_dtype(transformer)
     s = sigmas.view(b, 1, 1, 1, 1).to(latents)
     mask = first_frame_mask(tuple(latents.shape), latents.device)
     noisy = (1 - s) * latents + s * noise
