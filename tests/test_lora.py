@@ -220,6 +220,21 @@ def test_strength_scaling(base, inputs, model):
     assert torch.allclose(delta, x @ layers[name].delta(0.5).T, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", None])
+def test_non_finite_or_non_numeric_strength_is_refused(base, model, bad):
+    """A NaN strength used to run and turn every output into NaN ("image contains NaN" far from the cause)."""
+    from vbridge_core.errors import InputError
+
+    lf = LoraFile(weights=random_layers(base, 7), rank=RANK, alpha=ALPHA)
+    with pytest.raises(InputError, match="strength"):
+        apply_lora(model, lf, "r", strength=bad)
+    assert loaded_loras(model) == []
+    apply_lora(model, lf, "r", strength=1.0)
+    with pytest.raises(InputError, match="strength"):
+        set_active_loras(model, {"r": bad})
+    assert active_loras(model) == {"r": 1.0}
+
+
 def test_switching_does_not_leak(base, inputs, model, tmp_path):
     a, b = random_layers(base, 8), random_layers(base, 9, rank=2, alpha=2.0)
     apply_lora(model, LoraFile(weights=a, rank=RANK, alpha=ALPHA), "restoration")

@@ -646,6 +646,15 @@ def _sync_active(transformer: torch.nn.Module) -> None:
     transformer.set_adapters(names, [float(active[n]) for n in names])
 
 
+def _check_strength(strength: Any, name: str) -> float:
+    """A LoRA strength as a float; NaN/inf (which would turn every output into NaN) and non-numbers are refused."""
+    import math
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(float(strength)):
+        raise InputError(f"LoRA strength for {name!r} must be a finite number (1.0 = as trained), got {strength!r}")
+    return float(strength)
+
+
 def apply_lora(transformer: torch.nn.Module, lora: LoraFile | str | os.PathLike, adapter_name: str,
                strength: float = 1.0, *, allow_partial: bool = False) -> LoraFile:
     """Inject ``lora`` as the named peft adapter ``adapter_name`` and activate it at ``strength``.
@@ -656,10 +665,11 @@ def apply_lora(transformer: torch.nn.Module, lora: LoraFile | str | os.PathLike,
     Raises :class:`LoraMismatchError` when the LoRA does not fit (see module docstring).
     Returns the :class:`LoraFile` (read from disk when a path was given).
     """
-    if not isinstance(lora, LoraFile):
-        lora = read_lora(lora)
     if not adapter_name or not isinstance(adapter_name, str):
         raise InputError("adapter_name must be a non-empty string.")
+    strength = _check_strength(strength, adapter_name)
+    if not isinstance(lora, LoraFile):
+        lora = read_lora(lora)
     missing, shapes = check_lora_fits(transformer, lora)
     total = len(lora.weights) + len(lora.unmapped_keys)
     layers = dict(lora.weights)
@@ -713,9 +723,10 @@ def set_active_loras(transformer: torch.nn.Module, strengths: Mapping[str, float
     unknown = [n for n in strengths if n not in loaded]
     if unknown:
         raise InputError(f"no LoRA adapter named {unknown} is loaded (loaded: {loaded or 'none'}).")
+    checked = {n: _check_strength(v, n) for n, v in strengths.items()}
     s = _strengths(transformer)
     s.clear()
-    s.update({n: float(v) for n, v in strengths.items()})
+    s.update(checked)
     _sync_active(transformer)
 
 
