@@ -77,6 +77,9 @@ def test_single_files_and_paper_preset(tmp_path, tiny_model_dir, inputs, loras):
 @pytest.mark.parametrize("extra,needle", [
     (["--frames", "6"], "4k+1"),
     (["--dit", "/nonexistent/wan2.2_ti2v_5B_fp16.safetensors"], "wan2.2_ti2v_5B_fp16.safetensors"),
+    (["--device", "foo"], "unknown device"),
+    (["--device", "cuda:99"], "cuda:99"),  # no GPU, or not 100 of them: an error line, not a torch traceback
+    (["--lora-strength", "nan"], "strength"),
 ])
 def test_errors_are_one_line(tmp_path, tiny_model_dir, inputs, loras, capsys, extra, needle):
     args = ["restore", str(inputs / "b.png"), "--out", str(tmp_path / "o"), "--lora", str(loras[0]), "--steps", "2"]

@@ -187,3 +187,16 @@ def test_half_precision_dit_with_fp32_kept_modules_restores_and_trains(tiny_mode
     z = torch.randn(1, 48, 2, 2, 2)
     loss = flow_matching_loss(p.transformer, z, tiny_prompt_embeds(), torch.tensor([0.5]), torch.randn_like(z))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_resolve_device_refuses_unknown_and_missing_devices():
+    from vbridge_core.pipeline import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("foo")
+    with pytest.raises(InputError, match="cuda:99"):
+        resolve_device("cuda:99")
+    with pytest.raises(InputError, match="unknown device"):
+        VBridgePipeline(build_tiny_transformer(0), build_tiny_vae(1), device="gpu0")

@@ -99,6 +99,9 @@ def test_bad_stages_and_missing_arguments(tmp_path, tiny_model_dir, data, capsys
     assert "--pairs" in capsys.readouterr().err
     assert main(_base(tiny_model_dir, emb, tmp_path / "o.safetensors", "--pairs", str(pairs), "--mode", "drift")) == 2
     assert "--restoration-lora" in capsys.readouterr().err
+    assert main(_base(tiny_model_dir, emb, tmp_path / "o.safetensors", "--pairs", str(pairs), "--device", "cuda:99")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cuda:99" in err and "Traceback" not in err
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

@@ -51,6 +51,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device`` (``None``: :func:`default_device`), checked to exist here.
+
+    Raises :class:`InputError` for names torch does not know (``--device foo``) and for a CUDA device
+    this machine lacks (torch built without CUDA, no GPU visible, or ``cuda:3`` on a 2-GPU machine),
+    instead of a traceback from deep inside the first weight copy.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU (CPU-only build or "
+                             "no GPU visible); use cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s), cuda:0 ...")
+    return dev
+
+
 def _as_image_list(images: Any) -> list[torch.Tensor]:
     """Accept a [B,3,H,W] tensor, one [3,H,W] tensor, or a list of images/arrays; return [3,H,W] 0..1 tensors."""
     from .images import to_rgb_tensor
@@ -80,7 +103,7 @@ class VBridgePipeline:
                  tokenizer: str | Path | None = None, vae_tiling: bool = False, offload: bool = False) -> None:
         self.offload = bool(offload)
         self.compiled: str | None = None
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.transformer = transformer
         self.vae = vae
@@ -110,7 +133,7 @@ class VBridgePipeline:
         """
         from .models import load_transformer, load_vae, resolve_model_files
 
-        dev = torch.device(device) if device is not None else default_device()
+        dev = resolve_device(device)
         dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         dit_path, vae_path = resolve_model_files(model_dir=model_dir, dit=dit, vae=vae)
         t0 = time.perf_counter()

@@ -166,7 +166,9 @@ def train_stabilizer(clips: Sequence[StabilizerClip | tuple], kind: str = "contr
         raise InputError("use_inputs=True needs the restorer's input frames in every clip")
     if not use_inputs:
         checked = [StabilizerClip(c.restored, c.target, None, c.name) for c in checked]
-    dev = torch.device(cfg.device) if cfg.device else torch.device("cpu")
+    from ..pipeline import resolve_device
+
+    dev = resolve_device(cfg.device) if cfg.device else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     st = LearnedStabilizer(StabilizerConfig(kind=cfg.kind, channels=chans.pop(), hidden=cfg.hidden,
                                             kernel_size=cfg.kernel_size, use_inputs=use_inputs)).to(dev)

@@ -162,7 +162,7 @@ def _synthesise_pairs(a: argparse.Namespace, is_main: bool, barrier: Callable[[]
 
 def cmd_train(a: argparse.Namespace) -> int:
     """Handle ``train``: load the model, build the dataset, train, write the LoRA (see the module docstring)."""
-    from ..pipeline import VBridgePipeline
+    from ..pipeline import VBridgePipeline, resolve_device
     from .loop import make_accelerator, train_lora
 
     if not a.pairs and not a.from_clean:
@@ -170,7 +170,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.mode == "drift" and not a.restoration_lora:
         raise InputError("--mode drift needs --restoration-lora FILE (the LoRA trained with --mode restoration)")
     cfg = _config(a)
-    device = torch.device(a.device) if a.device else None
+    device = resolve_device(a.device) if a.device else None
     acc = make_accelerator(device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")))
     if device is None or (device.type == "cuda" and acc.num_processes > 1):
         device = acc.device
