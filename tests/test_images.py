@@ -417,3 +417,21 @@ def test_shipped_samples_are_pairs():
             assert 0 < float((lq - hq).abs().mean()) < 0.2
             total += (root / task / "lq" / name).stat().st_size + (root / task / "hq" / name).stat().st_size
     assert total < 200_000
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+def test_atomic_outputs_get_the_usual_file_mode(tmp_path):
+    """Outputs go through mkstemp (0600); they must end up as a plain open() would leave them (0666 & ~umask),
+    else ComfyUI's server or other users cannot read the written images, LoRAs and settings."""
+    from vbridge_core.fileio import save_safetensors_atomic, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        paths = [save_png(torch.rand(3, 4, 4), tmp_path / "a.png"), write_json_atomic(tmp_path / "s.json", {"a": 1}),
+                 save_safetensors_atomic({"x": torch.zeros(2)}, tmp_path / "w.safetensors")]
+        os.umask(0o027)
+        paths.append(save_png(torch.rand(3, 4, 4), tmp_path / "b.png"))
+    finally:
+        os.umask(old)
+    modes = [stat.S_IMODE(os.stat(p).st_mode) for p in paths]
+    assert modes == [0o644, 0o644, 0o644, 0o640]
