@@ -319,7 +319,7 @@ def test_cli_train_stabilizer(tmp_path):
     assert main(["train-stabilizer", "--clips", str(clip), "--out", str(out2), "--steps", "1"]) == 2
 
 
-def test_cli_restore_video(tmp_path, tiny_model_dir):
+def test_cli_restore_video(tmp_path, tiny_model_dir, monkeypatch):
     """restore-video: same seed, --batch-frames batching, EMA, raw frames and settings written."""
     import json
 
@@ -341,6 +341,22 @@ def test_cli_restore_video(tmp_path, tiny_model_dir):
                  "--save-raw"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["f0.png", "f1.png", "f2.png"]
     assert len(list((out / "raw").glob("*.png"))) == 3
-    info = json.loads((out / "vbridge_video_settings.json").read_text())["info"]
+    settings = json.loads((out / "vbridge_video_settings.json").read_text())
+    info = settings["info"]
     assert info["restore_calls"] == 2 and info["ema_strength"] == 0.5
+    # the pseudo-video length, seed and LoRA are part of the settings (F was dropped before)
+    assert settings["sampler"]["frames"] == 5 and settings["sampler"]["seed"] == 0
+    assert settings["lora"] == str(lora) and settings["lora_strength"] == 1.0
+    # --compile is honoured (it was accepted and ignored)
+    from vbridge_core.pipeline import VBridgePipeline
+
+    calls = []
+    monkeypatch.setattr(VBridgePipeline, "compile", lambda self, *a, **k: calls.append(1))
+    assert main(["restore-video", str(tmp_path / "frames"), "--out", str(tmp_path / "out_c"), "--model",
+                 str(tiny_model_dir), "--lora", str(lora), "--steps", "1", "--compile"]) == 0
+    assert calls == [1]
+    # per-image flags restore-video cannot honour are not offered (they were accepted and silently ignored)
+    for flag in (["--save-trajectory"], ["--batch-size", "2"]):
+        with pytest.raises(SystemExit):
+            main(["restore-video", str(tmp_path / "frames"), "--out", str(out), "--model", str(tiny_model_dir), *flag])
     assert torch.allclose(load_image(out / "f0.png"), load_image(out / "raw" / "f0.png"))

@@ -38,14 +38,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "only while it works (peak VRAM of one model; slower)")
 
 
-def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5) -> None:
+def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video: bool = False) -> None:
+    """The sampling flags; ``video=True`` (restore-video) leaves out the per-image ones (--batch-size,
+    --save-trajectory), which that command has no use for, and states its one-seed-for-all rule."""
     g = p.add_argument_group("sampling")
     g.add_argument("--preset", choices=["fast", "paper"], default=None,
                    help="fast: guidance 1 on diffusers' grid; paper: the V-Bridge release (official grid, guidance 6, "
                    "no unconditional pass in the last 15%% of steps). Explicit flags override the preset")
     g.add_argument("--frames", type=int, default=None, help=f"pseudo-video length F = 4k+1 >= 5 (default {frames_default})")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
-    g.add_argument("--seed", type=int, default=0, help="seed; image i of the run uses seed+i (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed; every frame uses this seed (default 0)" if video else
+                   "seed; image i of the run uses seed+i (default 0)")
     g.add_argument("--shift", type=float, default=None, help="flow shift (default 5.0)")
     g.add_argument("--solver", choices=["unipc", "euler"], default=None, help="ODE solver (default unipc)")
     g.add_argument("--sigma-grid", choices=["diffusers", "official"], default=None,
@@ -56,8 +59,9 @@ def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5) -> No
                    help="fraction of the last steps without the negative pass (default 0; paper 0.15)")
     g.add_argument("--prompt", default=None, help="override the LoRA's embedded prompt (needs --text-encoder)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for guidance > 1 (needs --text-encoder)")
-    g.add_argument("--batch-size", type=int, default=1, help="images of one size per DiT call (default 1)")
-    g.add_argument("--save-trajectory", action="store_true", help="also write every frame of each pseudo-video")
+    if not video:
+        g.add_argument("--batch-size", type=int, default=1, help="images of one size per DiT call (default 1)")
+        g.add_argument("--save-trajectory", action="store_true", help="also write every frame of each pseudo-video")
 
 
 def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5) -> dict[str, Any]:
@@ -69,7 +73,7 @@ def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5) -> dict[str,
         v = getattr(a, name)
         if v is not None:
             kw[name] = v
-    kw.update(seed=a.seed, batch_size=a.batch_size, prompt=a.prompt, negative_prompt=a.negative_prompt)
+    kw.update(seed=a.seed, batch_size=getattr(a, "batch_size", 1), prompt=a.prompt, negative_prompt=a.negative_prompt)
     if a.preset == "paper" and a.text_encoder:
         # with a text encoder the release's own prompt pair is used; without one, the LoRA's embedded pair
         from .presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT

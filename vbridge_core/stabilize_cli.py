@@ -24,7 +24,7 @@ logger = logging.getLogger("vbridge_core")
 
 
 def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParser], None],
-                           add_sampler_args: Callable[[argparse.ArgumentParser], None]) -> None:
+                           add_sampler_args: Callable[..., None]) -> None:
     """Register ``train-stabilizer`` and ``restore-video`` on the CLI's subparsers."""
     fmt = HelpFormatter
     t = sub.add_parser("train-stabilizer", formatter_class=fmt,
@@ -72,7 +72,7 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     v.add_argument("--batch-frames", type=int, default=8, help="frames restored per chunk (memory)")
     v.add_argument("--save-raw", action="store_true", help="also write the unstabilized frames to OUT/raw/")
     add_model_args(v)
-    add_sampler_args(v)
+    add_sampler_args(v, video=True)
 
 
 def _frames(folder: Path, what: str):
@@ -162,17 +162,22 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
                                       device=a.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
                                       tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload)
+    if a.compile:
+        pipe.compile()
     kw = _sampler_kwargs(a)
     seed = kw.pop("seed")
     kw.pop("batch_size", None)  # --batch-frames batches the frames
+    traj_frames = kw.pop("frames", None)
     res = restore_video(pipe, frames, stabilizer=stab, batch_frames=a.batch_frames, seed=seed,
-                        trajectory_frames=kw.pop("frames", None),
+                        trajectory_frames=traj_frames,
                         callback=lambda d, n: logger.info("restored %d/%d frames", d, n), **kw)
     for p, f, r in zip(paths, res.frames, res.raw):
         save_png(f.clamp(0, 1), out / f"{p.stem}.png")
         if a.save_raw:
             save_png(r.clamp(0, 1), out / "raw" / f"{p.stem}.png")
     write_json_atomic(out / "vbridge_video_settings.json",
-                      {"input": str(src), "stabilizer": a.stabilizer, "ema": a.ema, "sampler": kw, "info": res.info})
+                      {"input": str(src), "stabilizer": a.stabilizer, "ema": a.ema,
+                       "sampler": dict(kw, frames=traj_frames, seed=seed), "info": res.info, "model": a.model,
+                       "dit": a.dit, "vae": a.vae, "lora": a.lora, "lora_strength": a.lora_strength})
     logger.info("wrote %d frame(s) to %s", len(paths), out)
     return 0
