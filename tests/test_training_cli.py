@@ -99,6 +99,16 @@ def test_bad_stages_and_missing_arguments(tmp_path, tiny_model_dir, data, capsys
     assert "--pairs" in capsys.readouterr().err
     assert main(_base(tiny_model_dir, emb, tmp_path / "o.safetensors", "--pairs", str(pairs), "--mode", "drift")) == 2
     assert "--restoration-lora" in capsys.readouterr().err
+    # no text encoder and no --prompt-embeds: the CLI flags to use, not the Python API's "text_encoder="
+    assert main(["train", "--out", str(tmp_path / "o.safetensors"), "--model", str(tiny_model_dir), "--pairs",
+                 str(pairs), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--text-encoder" in err and "--prompt-embeds" in err and "text_encoder=" not in err
+    # flags the trainer would silently ignore are not offered
+    for flag in ("--offload", "--compile"):
+        with pytest.raises(SystemExit):
+            main(_base(tiny_model_dir, emb, tmp_path / "o.safetensors", "--pairs", str(pairs), flag))
+    capsys.readouterr()
     assert main(_base(tiny_model_dir, emb, tmp_path / "o.safetensors", "--pairs", str(pairs), "--device", "cuda:99")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "cuda:99" in err and "Traceback" not in err

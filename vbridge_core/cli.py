@@ -18,20 +18,25 @@ from .errors import Cancelled, InputError, VBridgeError
 
 logger = logging.getLogger("vbridge_core")
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """Model-file and runtime flags; ``training=True`` (train) leaves out --compile and --offload, which the
+    trainer does not use (the DiT stays on the GPU while it trains)."""
     g = p.add_argument_group("model files (nothing is downloaded)")
     g.add_argument("--model", metavar="DIR", help="diffusers folder of Wan2.2-TI2V-5B (transformer/, vae/), "
                    "or a ComfyUI models/ folder; --dit/--vae override its parts")
     g.add_argument("--dit", metavar="FILE", help="DiT: wan2.2_ti2v_5B_fp16.safetensors (ComfyUI repackaged), a "
                    "diffusers transformer/ folder, or a full fine-tuned 5B transformer")
     g.add_argument("--vae", metavar="FILE", help="VAE: wan2.2_vae.safetensors or a diffusers vae/ folder")
-    g.add_argument("--text-encoder", metavar="PATH", help="umt5-xxl (single file or diffusers folder); only needed "
-                   "for --prompt/--negative-prompt, since V-Bridge LoRAs carry their prompt embedding")
+    g.add_argument("--text-encoder", metavar="PATH", help="umt5-xxl (single file or diffusers folder) to encode the "
+                   "training prompt (or give --prompt-embeds)" if training else "umt5-xxl (single file or diffusers "
+                   "folder); only needed for --prompt/--negative-prompt, since V-Bridge LoRAs carry their prompt embedding")
     g.add_argument("--tokenizer", metavar="DIR", help="umt5 tokenizer folder for a single-file text encoder")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute precision (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--vae-tiling", action="store_true", help="decode/encode in tiles (large images, low VRAM)")
+    if training:
+        return
     g.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks: faster "
                    "sampling after a one-off compile of some seconds (GPU; needs a working Triton/C++ toolchain)")
     g.add_argument("--offload", action="store_true", help="keep the models in CPU memory and move each to the GPU "

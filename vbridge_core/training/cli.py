@@ -32,7 +32,7 @@ from ..errors import InputError
 logger = logging.getLogger("vbridge_core")
 
 
-def add_train_parser(sub, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     """Register ``train`` on the CLI's subparsers."""
     t = sub.add_parser("train", help="train a restoration (or drift-correction) LoRA from LQ/HQ pairs",
                        formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
@@ -101,7 +101,7 @@ def add_train_parser(sub, add_model_args: Callable[[argparse.ArgumentParser], No
     v.add_argument("--val-every", type=int, default=0, help="validate every N steps (always before and after)")
     v.add_argument("--val-steps", type=int, default=20, help="sampling steps of a validation restore")
     v.add_argument("--val-resolution", type=int, default=None, help="validation crop side (default: last stage's)")
-    add_model_args(t)
+    add_model_args(t, training=True)
 
 
 def _prompt_embeddings(a: argparse.Namespace, pipe) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
@@ -124,6 +124,10 @@ def _prompt_embeddings(a: argparse.Namespace, pipe) -> tuple[torch.Tensor, Optio
         return pos, neg, {"prompt": f"(embedding from {p.name})"}
     if a.mode == "drift" and not a.text_encoder:
         return None, None, {}  # the restoration LoRA's own embeddings
+    if not a.text_encoder:
+        raise InputError("training needs the prompt embedding: give --text-encoder (umt5-xxl file or diffusers folder) "
+                         "to encode --prompt (default: the V-Bridge release prompt), or --prompt-embeds FILE (a "
+                         "V-Bridge LoRA or a .safetensors holding 'prompt_embeds')")
     prompt = a.prompt or PAPER_PROMPT
     return pipe._encode(prompt), pipe._encode(PAPER_NEGATIVE_PROMPT), \
         {"prompt": prompt, "negative_prompt": PAPER_NEGATIVE_PROMPT}
@@ -184,7 +188,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         logger.info("%s", pairs.summary())
     TrainingPairs.from_any(pairs).check()  # unreadable files or mismatched sizes fail before the model loads
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=device, dtype=parse_dtype(a.dtype),
-                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer)
+                                      text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling)
     pos, neg, meta = _prompt_embeddings(a, pipe)
 
     stop = {"requested": False}
