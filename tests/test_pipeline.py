@@ -200,3 +200,18 @@ def test_resolve_device_refuses_unknown_and_missing_devices():
         resolve_device("cuda:99")
     with pytest.raises(InputError, match="unknown device"):
         VBridgePipeline(build_tiny_transformer(0), build_tiny_vae(1), device="gpu0")
+
+
+def test_loading_a_lora_under_another_role_warns(tmp_path, caplog):
+    """A restoration LoRA passed as --drift-lora ran silently; it now says so (the train CLI already did)."""
+    import logging
+
+    from tiny_files import random_lora
+
+    p = VBridgePipeline(build_tiny_transformer(0), build_tiny_vae(1), device="cpu")
+    rest = random_lora(tmp_path / "r.safetensors", "restoration", 1)
+    with caplog.at_level(logging.WARNING, logger="vbridge_core.pipeline"):
+        p.load_lora(rest, role="restoration")
+        assert not [r for r in caplog.records if "trained as" in r.getMessage()]
+        p.load_lora(rest, role="drift_correction")
+    assert any("trained as a restoration LoRA" in r.getMessage() for r in caplog.records)

@@ -161,6 +161,10 @@ class VBridgePipeline:
         role = role or lf.role
         if role not in ROLES:
             raise InputError(f"unknown LoRA role {role!r}; use one of {ROLES}")
+        stated = lf.metadata.get("vbridge.role")
+        if stated is not None and stated != role:
+            # e.g. the restoration LoRA given as --drift-lora: it runs, but is almost certainly a mix-up
+            logger.warning("%s was trained as a %s LoRA but is loaded as the %s LoRA", lf.path or "LoRA", stated, role)
         if role in self.adapters:
             remove_lora(self.transformer, self.adapters[role]["name"])
         name = f"vbridge_{role}"
