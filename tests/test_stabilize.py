@@ -207,6 +207,19 @@ def test_bad_input_messages():
         S.train_stabilizer([(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))], steps=1)
 
 
+def test_train_on_clips_of_different_lengths_and_sizes_and_bad_settings():
+    """Real clips differ in length and size; windows of one batch used to be cut per clip and crashed in
+    torch.stack. steps=0 wrote an untrained file ("final loss nan")."""
+    g = torch.Generator().manual_seed(0)
+    clips = [(torch.rand(5, 3, 40, 52, generator=g), torch.rand(5, 3, 40, 52, generator=g)),
+             (torch.rand(3, 3, 80, 90, generator=g), torch.rand(3, 3, 80, 90, generator=g))]
+    res = S.train_stabilizer(clips, "controlled", steps=3, hidden=4, batch_size=4, crop=64)
+    assert len(res.losses) == 3 and all(l == l for l in res.losses)
+    for bad in (dict(steps=0), dict(batch_size=0), dict(crop=0), dict(learning_rate=0.0)):
+        with pytest.raises(InputError, match="must be (a )?positive"):
+            S.train_stabilizer(clips, "controlled", hidden=4, **bad)
+
+
 def test_latents_with_ema_and_48_channel_stabilizer():
     lat = torch.randn(4, 48, 6, 6)
     assert S.stabilize_sequence(lat, 0.5).shape == lat.shape

@@ -103,12 +103,15 @@ def _windows(clips: Sequence[StabilizerClip], cfg: TrainStabilizerConfig, g: tor
              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """A batch of random (clip, time window, crop) samples: ``[B, tau, C, h, w]`` each."""
     zs, ys, xs = [], [], []
+    # one window length and crop for the whole batch, fitting the shortest / smallest clip, so clips of
+    # different lengths and sizes can be stacked
+    tau = min(cfg.clip_frames, min(c.restored.shape[0] for c in clips))
+    ch = min(cfg.crop, min(c.restored.shape[2] for c in clips))
+    cw = min(cfg.crop, min(c.restored.shape[3] for c in clips))
     for _ in range(cfg.batch_size):
         c = clips[int(torch.randint(len(clips), (1,), generator=g))]
         t_len, _, h, w = c.restored.shape
-        tau = min(cfg.clip_frames, t_len)
         t0 = int(torch.randint(t_len - tau + 1, (1,), generator=g))
-        ch, cw = min(cfg.crop, h), min(cfg.crop, w)
         i = int(torch.randint(h - ch + 1, (1,), generator=g))
         j = int(torch.randint(w - cw + 1, (1,), generator=g))
         sl = (slice(t0, t0 + tau), slice(None), slice(i, i + ch), slice(j, j + cw))
@@ -143,6 +146,12 @@ def train_stabilizer(clips: Sequence[StabilizerClip | tuple], kind: str = "contr
     if cfg.kind not in ("controlled", "spatial"):
         raise InputError(f"only 'controlled' and 'spatial' stabilizers are trained (the EMA has no parameters); "
                          f"got {cfg.kind!r}")
+    for name in ("steps", "batch_size", "crop", "clip_frames"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    if not (cfg.learning_rate > 0):
+        raise InputError(f"learning rate must be positive, got {cfg.learning_rate!r}")
     checked = [(c if isinstance(c, StabilizerClip) else StabilizerClip(*c)).check() for c in clips]
     if not checked:
         raise InputError("no training clips given")
