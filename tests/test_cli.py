@@ -44,6 +44,17 @@ def test_help_documents_every_flag(capsys):
     assert "default" in text
 
 
+def test_help_shows_zero_defaults(capsys):
+    """A default of 0 equals False; the formatter used to hide it (train --seed showed no default)."""
+    import re
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "--seed SEED seed (default: 0)" in text and "warmup steps (default: 0)" in text
+    assert "--no-flip no random horizontal flips --" in text  # store_true flags stay without "(default: False)"
+
+
 def test_restore_with_drift_writes_pngs_and_settings(tmp_path, tiny_model_dir, inputs, loras):
     out = tmp_path / "out"
     rc = main(["restore", str(inputs), "--out", str(out), "--model", str(tiny_model_dir), "--lora", str(loras[0]),

@@ -48,6 +48,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+        # identity, not ==: a default of 0 (seeds, warmup steps) is meaningful and equals False
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or action.required:
             return text
         return text + " (default: %(default)s)"
