@@ -184,6 +184,11 @@ def test_half_precision_dit_with_fp32_kept_modules_restores_and_trains(tiny_mode
         assert compute_dtype(p.transformer) == dt
         res = p.restore(torch.rand(3, 32, 32), steps=2, prompt_embeds=tiny_prompt_embeds())
         assert torch.isfinite(res.final[0]).all()
+    for solver in ("euler", "unipc"):  # the latent state stays fp32 (Euler cast it to the DiT's dtype every step)
+        seen = []
+        p.restore(torch.rand(3, 32, 32), steps=2, solver=solver, prompt_embeds=tiny_prompt_embeds(),
+                  callback=lambda info: seen.append(info.latents.dtype))
+        assert seen == [torch.float32, torch.float32], solver
     z = torch.randn(1, 48, 2, 2, 2)
     loss = flow_matching_loss(p.transformer, z, tiny_prompt_embeds(), torch.tensor([0.5]), torch.randn_like(z))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

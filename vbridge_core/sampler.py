@@ -205,7 +205,9 @@ def sample(
         sigma = float(scheduler.sigmas[i])
         if callback is not None:
             denoised = (1 - mask) * cond + mask * (latents - sigma * pred.float())
-        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        # fp32 velocity: FlowMatchEuler casts its result to the model output's dtype, which would round the
+        # whole latent state to bf16/fp16 after every step with a half-precision DiT
+        latents = scheduler.step(pred.float(), t, latents, return_dict=False)[0]
         if callback is not None:
             callback(StepInfo(step=i + 1, total=total, timestep=float(t), sigma=sigma, latents=latents,
                               denoised=denoised))
