@@ -138,6 +138,21 @@ def test_cancel_leaves_no_output(tmp_path, tiny_model_dir, inputs, loras):
     assert not list(out.rglob("*.png")) and not list(out.rglob("*.tmp*"))
 
 
+def test_cancel_during_drift_pass_leaves_no_base_outputs(tmp_path, tiny_model_dir, inputs, loras, monkeypatch):
+    """The *_base.png files used to be written before the drift pass, so a Ctrl-C there left them behind
+    while the CLI said "no partial output was written"."""
+    from vbridge_core.pipeline import VBridgePipeline
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VBridgePipeline, "drift_correct", interrupted)
+    out = tmp_path / "out"
+    assert main(["restore", str(inputs), "--out", str(out), "--model", str(tiny_model_dir), "--lora", str(loras[0]),
+                 "--drift-lora", str(loras[1]), "--steps", "1", "--save-trajectory"]) == 130
+    assert not list(out.rglob("*.png"))
+
+
 def test_eval(tmp_path, capsys):
     g = torch.Generator().manual_seed(3)
     for d in ("r", "h"):

@@ -135,15 +135,16 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
         res = pipe.restore(images, return_trajectory=a.save_trajectory, callback=_progress("restore"), **kw)
         settings["restore_info"] = res.info
         base = res.final
-        if a.drift_lora:
-            for p, f, tr in zip(paths, res.final, res.trajectory or [None] * len(paths)):
-                _write_outputs(out, p.stem, f, tr, suffix="_base")
+        base_res = res
     else:
-        base = images
+        base, base_res = images, None
     if a.drift_lora:
         dkw = dict(kw, frames=a.drift_frames or kw["frames"], steps=a.drift_steps or kw["steps"])
         res = pipe.drift_correct(base, return_trajectory=a.save_trajectory, callback=_progress("drift-correct"), **dkw)
         settings["drift_info"] = res.info
+        if base_res is not None:  # written only now, so a cancelled drift pass leaves no partial set of outputs
+            for p, f, tr in zip(paths, base_res.final, base_res.trajectory or [None] * len(paths)):
+                _write_outputs(out, p.stem, f, tr, suffix="_base")
     for p, f, tr in zip(paths, res.final, res.trajectory or [None] * len(paths)):
         _write_outputs(out, p.stem, f, tr)
     settings.update(dit=a.dit, vae=a.vae, model=a.model, lora=getattr(a, "lora", None), drift_lora=a.drift_lora,
