@@ -81,8 +81,10 @@ def test_single_files_and_paper_preset(tmp_path, tiny_model_dir, inputs, loras):
     rc = main(["restore", str(inputs / "b.png"), "--out", str(out), "--dit", str(tiny_model_dir / "transformer"),
                "--vae", str(tiny_model_dir / "vae"), "--lora", str(loras[0]), "--preset", "paper", "--steps", "4"])
     assert rc == 0
-    s = json.loads((out / "vbridge_settings.json").read_text())["restore_info"]
+    settings = json.loads((out / "vbridge_settings.json").read_text())
+    s = settings["restore_info"]
     assert s["guidance"] == 6.0 and s["sigma_grid"] == "official" and s["guidance_skip_tail"] == 0.15
+    assert settings["preset"] == "paper" and settings["lora_strength"] == 1.0 and settings["drift_strength"] is None
 
 
 @pytest.mark.parametrize("extra,needle", [

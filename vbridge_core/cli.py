@@ -148,6 +148,8 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     for p, f, tr in zip(paths, res.final, res.trajectory or [None] * len(paths)):
         _write_outputs(out, p.stem, f, tr)
     settings.update(dit=a.dit, vae=a.vae, model=a.model, lora=getattr(a, "lora", None), drift_lora=a.drift_lora,
+                    lora_strength=getattr(a, "lora_strength", None) if getattr(a, "lora", None) else None,
+                    drift_strength=a.drift_strength if a.drift_lora else None, preset=a.preset or "fast",
                     seconds=round(time.perf_counter() - t0, 3))
     write_json_atomic(out / "vbridge_settings.json", settings)
     logger.info("wrote %d image(s) and vbridge_settings.json to %s", len(paths), out)
