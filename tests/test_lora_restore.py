@@ -91,3 +91,15 @@ def test_switching_adapters_on_one_base(tmp_path, layers):
     only_r.load_lora(r)
     torch.testing.assert_close(r1, only_r.restore(image, steps=3).final[0], atol=1e-6, rtol=0)
     assert (r1 - d1).abs().max() > 1e-3
+
+
+def test_restore_with_only_a_drift_lora_says_which_lora_is_missing(tmp_path, layers):
+    from vbridge_core.errors import InputError
+
+    d = write_lora(tmp_path / "d.safetensors", layers, rank=RANK, alpha=RANK, metadata={"role": "drift_correction"},
+                   prompt_embeds=tiny_prompt_embeds(4))
+    pipe = VBridgePipeline(build_tiny_transformer(21), build_tiny_vae(22), device="cpu", dtype=torch.float32)
+    pipe.load_lora(d)
+    with pytest.raises(InputError, match="needs the restoration LoRA.*--lora"):
+        pipe.restore(torch.rand(3, 32, 32), steps=2)
+    assert pipe.drift_correct(torch.rand(3, 32, 32), steps=2).final[0].shape == (3, 32, 32)

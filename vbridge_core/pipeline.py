@@ -202,6 +202,10 @@ class VBridgePipeline:
             neg = lf.negative_prompt_embeds
         if pos is None and lf is not None and lf.metadata.get("vbridge.prompt") and self.text_encoder:
             pos = self._encode(lf.metadata["vbridge.prompt"])
+        if pos is None and lf is None and self.adapters:
+            loaded = ", ".join(sorted(self.adapters))
+            raise InputError(f"this step needs the {role.replace('_', '-')} LoRA, but only the {loaded} LoRA is "
+                             "loaded: add it (--lora for restoring, --drift-lora for drift correction)")
         if pos is None:
             raise InputError(
                 "no prompt embedding: load a V-Bridge LoRA (it carries the prompt it was trained with), "
