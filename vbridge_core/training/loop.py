@@ -249,8 +249,10 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
                 state = dict(lora={n: p.detach().cpu().clone() for n, p in names_params}, optimizer=opt.state_dict(),
                              generator=gen.get_state(), losses=losses, skipped=skipped, validation=history,
                              config=config.to_dict())
-                last_ckpt = ckpt.save_checkpoint(folder, step, state, config.keep_checkpoints)
+                # the LoRA first, the state last: a state file on disk always has its LoRA beside it,
+                # even when the process is killed between the two writes
                 write_lora_file(ckpt.lora_path(folder, step), step)
+                last_ckpt = ckpt.save_checkpoint(folder, step, state, config.keep_checkpoints)
                 report(TrainProgress("checkpoint", step, total, path=last_ckpt))
             acc.wait_for_everyone()
             return last_ckpt
