@@ -643,27 +643,27 @@ def make_pairs(clean_folder: str | os.PathLike, out_folder: str | os.PathLike, n
 
     src = Path(clean_folder)
     if not src.is_dir():
-        raise InputError(f"make_pairs: clean folder {src} not found or not a folder.")
+        raise InputError(f"pairs from clean photos: clean folder {src} not found or not a folder.")
     tasks = [_check_name(n) for n in ([names] if isinstance(names, str) else names)]
     if not tasks:
-        raise InputError(f"make_pairs: no degradation names given; choose from {', '.join(DEGRADATIONS)}.")
+        raise InputError(f"pairs from clean photos: no degradation names given; choose from {', '.join(DEGRADATIONS)}.")
     if len(set(tasks)) != len(tasks):
-        raise InputError(f"make_pairs: degradation names repeat in {tasks}; each one is a task folder.")
+        raise InputError(f"pairs from clean photos: degradation names repeat in {tasks}; each one is a task folder.")
     if isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 1:
-        raise InputError(f"make_pairs: per_image must be a whole number >= 1, got {per_image!r}.")
+        raise InputError(f"pairs from clean photos: per_image must be a whole number >= 1, got {per_image!r}.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InputError(f"make_pairs: seed must be an int, got {seed!r}.")
+        raise InputError(f"pairs from clean photos: seed must be an int, got {seed!r}.")
     for k in (params or {}):
         if k not in tasks:
-            raise InputError(f"make_pairs: params given for {k!r}, which is not among the names {tasks}.")
+            raise InputError(f"pairs from clean photos: params given for {k!r}, which is not among the names {tasks}.")
     files = sorted(p for p in src.iterdir()
                    if p.is_file() and p.suffix.lower() in _IMAGE_EXTS and not p.name.startswith("."))
     if not files:
-        raise InputError(f"make_pairs: no images ({', '.join(_IMAGE_EXTS)}) in {src}.")
+        raise InputError(f"pairs from clean photos: no images ({', '.join(_IMAGE_EXTS)}) in {src}.")
     stems: dict[str, Path] = {}
     for f in files:
         if f.stem in stems:
-            raise InputError(f"make_pairs: {stems[f.stem].name} and {f.name} share the stem {f.stem!r}; "
+            raise InputError(f"pairs from clean photos: {stems[f.stem].name} and {f.name} share the stem {f.stem!r}; "
                              "rename one so the pair names stay unique.")
         stems[f.stem] = f
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -169,7 +170,9 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
     transformer = pipe.transformer
     vae_home = next(pipe.vae.parameters()).device
     pipe._activate(None)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft warns that another adapter joins an existing peft_config: several adapters are the design
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
         torch.manual_seed(config.seed)
         transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
                                            target_modules=list(config.target_modules), init_lora_weights=True),
