@@ -120,10 +120,10 @@ def test_matches_diffusers_get_t5_prompt_embeds(assets, tmp_path, monkeypatch):
 
     if not hasattr(pipeline_wan, "ftfy"):  # diffusers calls ftfy unconditionally; ours skips it when absent
         monkeypatch.setattr(pipeline_wan, "ftfy", types.SimpleNamespace(fix_text=lambda s: s), raising=False)
-    stub = types.SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(str(assets["tok"])),
+    pipe_like = types.SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(str(assets["tok"])),
                                  text_encoder=assets["model"].float(), _execution_device=torch.device("cpu"))
     with torch.no_grad():  # as inside WanPipeline.__call__ (autograd on picks another CPU attention kernel)
-        ref = pipeline_wan.WanPipeline._get_t5_prompt_embeds(stub, PROMPT, max_sequence_length=MAX_LEN,
+        ref = pipeline_wan.WanPipeline._get_t5_prompt_embeds(pipe_like, PROMPT, max_sequence_length=MAX_LEN,
                                                              device=torch.device("cpu"), dtype=torch.float32)
     emb = te.encode_prompt(PROMPT, assets["root"], cache_dir=tmp_path, dtype=torch.float32, max_length=MAX_LEN)
     torch.testing.assert_close(emb, ref, atol=0, rtol=0)
