@@ -59,22 +59,12 @@ class PairSet:
         """Task names in order of first appearance."""
         return list(dict.fromkeys(i.task for i in self.items))
 
-    def for_task(self, task: str) -> "PairSet":
-        """The pairs of one task."""
-        if task not in self.tasks:
-            raise InputError(f"no task {task!r} in {self.root}; tasks: {', '.join(self.tasks)}")
-        return PairSet(self.root, [i for i in self.items if i.task == task])
-
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lq, hq)`` of pair ``index`` as ``[3, H, W]`` float tensors in 0..1."""
         from .images import load_image
 
         item = self.items[index]
         return load_image(item.lq_path), load_image(item.hq_path)
-
-    def load_all(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every pair as ``(lq, hq)`` tensors (the form :func:`training.trainer.train_lora` takes)."""
-        return [self.load(i) for i in range(len(self.items))]
 
     def summary(self) -> str:
         """One line per task with its pair count, after a total line."""

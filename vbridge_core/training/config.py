@@ -122,11 +122,6 @@ class TrainConfig:
         d["stages"] = ",".join(str(s) for s in self.curriculum())
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
 
 @dataclass
 class TrainProgress:

@@ -15,8 +15,6 @@ to the VAE round trip of the target still measure whether the LoRA learnt the tr
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 
 from .. import trajectory
@@ -67,7 +65,3 @@ class ValidationSet:
             scores["psnr_reachable"].append(float(psnr(out, self.reachable[i])))
         return {k: sum(v) / len(v) for k, v in scores.items()}, outs
 
-
-def summary_line(metrics: dict[str, Any], label: Optional[str] = None) -> str:
-    head = f"{label}: " if label else ""
-    return head + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
