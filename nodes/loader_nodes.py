@@ -101,7 +101,13 @@ class LoadVBridge:
                 "memory": (MEMORY_MODES, {"default": "keep on GPU", "tooltip": (
                     "keep on GPU: fastest. offload: keep the models in RAM and move each to the GPU only while it "
                     "works (peak VRAM is one model, not two).")}),
-            }
+            },
+            "optional": {
+                "allow_partial_lora": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Off: a LoRA with keys that fit no layer of Wan2.2-TI2V-5B is refused with the list of them. "
+                    "On: apply the part that fits and list the rest in the console and in the restore info "
+                    "(e.g. LoHa/LoKr/DoRA keys, or layers of another model size).")}),
+            },
         }
 
     @classmethod
@@ -115,7 +121,8 @@ class LoadVBridge:
         return repr(sigs)
 
     def load(self, dit: str, vae: str, restoration_lora: str, restoration_strength: float, drift_lora: str,
-             drift_strength: float, precision: str, attention: str, memory: str) -> tuple[Any]:
+             drift_strength: float, precision: str, attention: str, memory: str,
+             allow_partial_lora: bool = False) -> tuple[Any]:
         """Load (or reuse) the pipeline for these settings."""
         from vbridge_core.errors import InputError
         from vbridge_core.pipeline import default_device
@@ -133,7 +140,8 @@ class LoadVBridge:
         key = (str(device), precision, attention, memory,
                str(dit_path), file_signature(dit_path), str(vae_path), file_signature(vae_path),
                str(lora_path), file_signature(lora_path), float(restoration_strength) if lora_path else None,
-               str(drift_path), file_signature(drift_path), float(drift_strength) if drift_path else None)
+               str(drift_path), file_signature(drift_path), float(drift_strength) if drift_path else None,
+               bool(allow_partial_lora))
         for k in [k for k, r in _CACHE.items() if r() is None]:
             del _CACHE[k]
         ref = _CACHE.get(key)
@@ -144,6 +152,7 @@ class LoadVBridge:
         comfy_bridge.make_room()
         pipe = load_pipeline(dit=dit_path, vae=vae_path, lora=lora_path, lora_strength=restoration_strength,
                              drift_lora=drift_path, drift_strength=drift_strength, precision=precision,
-                             attention=attention, offload=memory == "offload", device=device)
+                             attention=attention, offload=memory == "offload", device=device,
+                             allow_partial_lora=bool(allow_partial_lora))
         _CACHE[key] = weakref.ref(pipe)
         return (pipe,)

@@ -41,6 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser, training: bool = False) -> None:
                    "sampling after a one-off compile of some seconds (GPU; needs a working Triton/C++ toolchain)")
     g.add_argument("--offload", action="store_true", help="keep the models in CPU memory and move each to the GPU "
                    "only while it works (peak VRAM of one model; slower)")
+    g.add_argument("--allow-partial", action="store_true", help="apply the layers of a LoRA that fit this model and "
+                   "list the rest (LoHa/LoKr/DoRA keys, other architectures' layers) instead of refusing the LoRA")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video: bool = False) -> None:
@@ -125,7 +127,7 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
                                       lora_strength=getattr(a, "lora_strength", 1.0), drift_lora=a.drift_lora,
                                       drift_strength=a.drift_strength, device=a.device, dtype=_dtype(a.dtype),
                                       text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling,
-                                      offload=a.offload)
+                                      offload=a.offload, allow_partial_lora=a.allow_partial)
     if a.compile:
         pipe.compile()
     kw = _sampler_kwargs(a)
@@ -150,6 +152,7 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     settings.update(dit=a.dit, vae=a.vae, model=a.model, lora=getattr(a, "lora", None), drift_lora=a.drift_lora,
                     lora_strength=getattr(a, "lora_strength", None) if getattr(a, "lora", None) else None,
                     drift_strength=a.drift_strength if a.drift_lora else None, preset=a.preset or "fast",
+                    lora_skipped={r: ad["skipped"] for r, ad in pipe.adapters.items() if ad.get("skipped")} or None,
                     seconds=round(time.perf_counter() - t0, 3))
     write_json_atomic(out / "vbridge_settings.json", settings)
     logger.info("wrote %d image(s) and vbridge_settings.json to %s", len(paths), out)

@@ -70,6 +70,8 @@ import torch
 
 from .errors import InputError, LoraMismatchError, ModelFileError, WrongModelError
 from .fileio import save_safetensors_atomic
+from .lora_patches import ParamPatch, add_patches, drop_patches, patch_adapters, sync_patches
+from .lora_patches import find_param as _find_param
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,22 @@ _O2D_BLOCK = dict(_BLOCK_MAP)
 _D2O_BLOCK = {d: o for o, d in _BLOCK_MAP}
 _O2D_TOP = dict(_TOP_MAP)
 _D2O_TOP = {d: o for o, d in _TOP_MAP}
+# Tensors that are not Linear weights but that ComfyUI patches from LoRA files (``diff``, ``diff_b``,
+# norm and conv LoRA keys, see lora_patches.py): (original owner, diffusers owner). An owner ending in
+# ``scale_shift_table`` is a bare parameter; the others are modules with ``weight`` (and ``bias``).
+_BLOCK_PARAM_MAP: tuple[tuple[str, str], ...] = (
+    ("self_attn.norm_q", "attn1.norm_q"), ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.norm_q", "attn2.norm_q"), ("cross_attn.norm_k", "attn2.norm_k"),
+    ("norm3", "norm2"), ("modulation", "scale_shift_table"),
+)
+_TOP_PARAM_MAP: tuple[tuple[str, str], ...] = (
+    ("patch_embedding", "patch_embedding"), ("head.modulation", "scale_shift_table"),
+)
+_O2D_BLOCK_PARAM = dict(_BLOCK_PARAM_MAP)
+_D2O_BLOCK_PARAM = {d: o for o, d in _BLOCK_PARAM_MAP}
+_O2D_TOP_PARAM = dict(_TOP_PARAM_MAP)
+_D2O_TOP_PARAM = {d: o for o, d in _TOP_PARAM_MAP}
+_BARE_PARAM = "scale_shift_table"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -160,13 +178,36 @@ def _is_diffusers_name(name: str) -> bool:
     return diffusers_to_wan_name(name) is not None
 
 
+def _wan_param_owner(name: str) -> str | None:
+    """Diffusers owner of a non-Linear original Wan tensor owner (``blocks.0.norm3`` -> ``blocks.0.norm2``)."""
+    m = _BLOCK_RE.match(name)
+    if m:
+        d = _O2D_BLOCK_PARAM.get(m.group(2))
+        return f"blocks.{m.group(1)}.{d}" if d else None
+    return _O2D_TOP_PARAM.get(name)
+
+
+def _is_diffusers_param_owner(name: str) -> bool:
+    m = _BLOCK_RE.match(name)
+    return (m.group(2) in _D2O_BLOCK_PARAM) if m else name in _D2O_TOP_PARAM
+
+
+def owner_params(owner: str) -> tuple[str, str | None]:
+    """(weight tensor name, bias tensor name or None) of a diffusers owner (module or bare parameter)."""
+    if owner == _BARE_PARAM or owner.endswith("." + _BARE_PARAM):
+        return owner, None
+    return owner + ".weight", owner + ".bias"
+
+
 def _underscore_table() -> list[tuple[re.Pattern[str], str]]:
     """Regexes turning kohya-style underscore names back into dotted diffusers names."""
     table: list[tuple[re.Pattern[str], str]] = []
     for o, d in _BLOCK_MAP:
         table.append((re.compile(rf"^blocks_(\d+)_{re.escape(o.replace('.', '_'))}$"), "blocks.{}." + d))
         table.append((re.compile(rf"^blocks_(\d+)_{re.escape(d.replace('.', '_'))}$"), "blocks.{}." + d))
-    for o, d in _TOP_MAP:
+    for o, d in _BLOCK_PARAM_MAP:
+        table.append((re.compile(rf"^blocks_(\d+)_{re.escape(o.replace('.', '_'))}$"), "blocks.{}." + d))
+    for o, d in _TOP_MAP + _TOP_PARAM_MAP:
         table.append((re.compile(rf"^{re.escape(o.replace('.', '_'))}$"), d))
         table.append((re.compile(rf"^{re.escape(d.replace('.', '_'))}$"), d))
     return table
@@ -176,9 +217,17 @@ _UNDERSCORE_TABLE = _underscore_table()
 _KOHYA_PREFIXES = ("lora_unet__", "lora_unet_", "lora_transformer_", "lycoris_")
 _DOTTED_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 
-# suffix -> part
-_PART_RE = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_down|lora_up|lora_A|lora_B)(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?\.weight$")
+# LoRA pair keys, every naming ComfyUI's weight_adapter/lora.py reads: ``.lora_up/.lora_down.weight``,
+# ``.lora_B/.lora_A[.<adapter>].weight``, ``.lora_B/.lora_A`` (Mochi), ``_lora.up/.down.weight``,
+# ``.lora.up/.down.weight`` and ``.lora_linear_layer.up/.down.weight``.
+_PART_RE = re.compile(r"^(?P<mod>.+?)(?:\.(?P<part>lora_down|lora_up|lora_A|lora_B)(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?\.weight"
+                      r"|\.(?P<part2>lora_A|lora_B)|(?:_lora|\.lora|\.lora_linear_layer)\.(?P<part3>up|down)\.weight)$")
 _ALPHA_RE = re.compile(r"^(?P<mod>.+)\.alpha$")
+# whole-tensor patch keys ComfyUI applies (comfy/lora.py load_lora)
+_PATCH_RE = re.compile(r"^(?P<mod>.+)\.(?P<kind>diff|diff_b|w_norm|b_norm|set_weight)$")
+# adapter kinds ComfyUI also reads but we do not apply: listed as unsupported, never half-applied silently
+_UNSUPPORTED_RE = re.compile(r"\.(dora_scale|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|lora_mid\.weight|"
+                             r"reshape_weight|oft_blocks|oft_diag|rescale|a1\.weight|a2\.weight|b1\.weight|b2\.weight)$")
 
 
 def _natural_key(name: str) -> tuple:
@@ -202,10 +251,10 @@ def _resolve_module(raw: str) -> tuple[str | None, str]:
         if raw.startswith(p):
             prefix, name = p, raw[len(p):]
             break
-    d = wan_to_diffusers_name(name)
+    d = wan_to_diffusers_name(name) or _wan_param_owner(name)
     if d is not None:
         return d, "comfyui"
-    if _is_diffusers_name(name):
+    if _is_diffusers_name(name) or _is_diffusers_param_owner(name):
         return name, "diffusers"
     return None, ("comfyui" if prefix.endswith("diffusion_model.") else "diffusers" if prefix else "unknown")
 
@@ -237,6 +286,9 @@ class LoraFile:
     unmapped_keys: list[str] = field(default_factory=list)
     source_format: str = "comfyui"
     path: Path | None = None
+    #: whole-tensor patches (``diff``, ``diff_b``, norm and conv LoRA keys) by diffusers tensor name,
+    #: applied the way ComfyUI applies them (see :mod:`.lora_patches`)
+    patches: dict[str, ParamPatch] = field(default_factory=dict)
 
     @property
     def role(self) -> str:
@@ -252,7 +304,8 @@ class LoraFile:
     def describe(self) -> str:
         """One line for logs and node outputs."""
         name = self.path.name if self.path else "<memory>"
-        return (f"{name}: {self.role} LoRA, {len(self.weights)} layers, rank {self.rank}, alpha {self.alpha:g}, "
+        patched = f" + {len(self.patches)} tensor patches (diff/bias/norm/conv)" if self.patches else ""
+        return (f"{name}: {self.role} LoRA, {len(self.weights)} layers{patched}, rank {self.rank}, alpha {self.alpha:g}, "
                 f"format {self.source_format}")
 
 
@@ -347,16 +400,36 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, header
 
 
+def _adapter_alpha(cfg: Mapping[str, Any], name: str, rank: int) -> float | None:
+    """The alpha a peft/diffusers adapter config gives layer ``name`` (rsLoRA folded in), or None."""
+    if not cfg:
+        return None
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name)
+    if alpha is None:
+        alpha = cfg.get("lora_alpha")
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if cfg.get("use_rslora"):
+        alpha = alpha * rank ** 0.5  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
+    return alpha
+
+
 def parse_lora_state_dict(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str] | None = None,
-                          *, source: str = "<state dict>") -> LoraFile:
+                          *, source: str = "<state dict>", adapter_config: Mapping[str, Any] | None = None) -> LoraFile:
     """Normalise a LoRA state dict in any supported key format (see module docstring).
 
-    Raises :class:`WrongModelError` when no key looks like a LoRA, and :class:`LoraMismatchError`
-    when LoRA keys exist but none names a Wan module (e.g. an SDXL LoRA).
+    ``adapter_config`` is a peft ``adapter_config.json`` (``r``, ``lora_alpha``, ``alpha_pattern``,
+    ``use_rslora``...) for a peft ``save_pretrained`` folder; it gives the alpha of layers without
+    an ``.alpha`` key. Raises :class:`WrongModelError` when no key looks like a LoRA, and
+    :class:`LoraMismatchError` when LoRA keys exist but none names a Wan tensor (e.g. an SDXL LoRA).
     """
     header = dict(header or {})
     meta, extra = _decode_metadata(header)
-    adapter_cfg = _diffusers_adapter_config(extra)
+    adapter_cfg = dict(adapter_config) if adapter_config else _diffusers_adapter_config(extra)
+    if adapter_cfg.get("use_dora"):
+        raise LoraMismatchError(f"{source} is a DoRA adapter (use_dora); DoRA is not supported. Merge it into the "
+                                "base with peft's merge_and_unload, or train a plain LoRA.")
     prompt = tensors.get(PROMPT_EMBEDS_KEY)
     negative = tensors.get(NEGATIVE_PROMPT_EMBEDS_KEY)
 
@@ -364,6 +437,8 @@ def parse_lora_state_dict(tensors: Mapping[str, torch.Tensor], header: Mapping[s
     ups: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     raw_keys: dict[str, list[str]] = {}
+    # owner -> {kind: tensor} for diff / diff_b / w_norm / b_norm / set_weight keys; "bias:" owners patch a bias
+    whole: dict[str, dict[str, torch.Tensor]] = {}
     formats: Counter[str] = Counter()
     unmapped: list[str] = []
     lora_like = 0
@@ -372,18 +447,24 @@ def parse_lora_state_dict(tensors: Mapping[str, torch.Tensor], header: Mapping[s
             continue
         m = _PART_RE.match(key)
         a = None if m else _ALPHA_RE.match(key)
-        if not m and not a:
+        pm = None if (m or a) else _PATCH_RE.match(key)
+        if not m and not a and not pm:
+            if _UNSUPPORTED_RE.search(key):
+                lora_like += 1
             unmapped.append(key)
             continue
         lora_like += 1
-        raw = (m or a).group("mod")
+        raw = (m or a or pm).group("mod")
+        on_bias = False
+        if pm and raw.endswith(".bias"):  # ComfyUI's generic key for a bias tensor itself
+            raw, on_bias = raw[: -len(".bias")], True
         name, fmt = _resolve_module(raw)
         if name is None:
             unmapped.append(key)
             continue
         raw_keys.setdefault(name, []).append(key)
         if m:
-            part = m.group("part")
+            part = m.group("part") or m.group("part2") or ("lora_up" if m.group("part3") == "up" else "lora_down")
             if fmt == "comfyui" and part in ("lora_A", "lora_B"):
                 fmt = "comfyui_ab"
             formats[fmt] += 1
@@ -392,46 +473,74 @@ def parse_lora_state_dict(tensors: Mapping[str, torch.Tensor], header: Mapping[s
                 raise WrongModelError(f"{source}: two tensors for the same LoRA layer {name} "
                                       f"({raw_keys[name]}); the file mixes key formats.")
             target[name] = t
-        else:
+        elif a:
             alphas[name] = float(t.float().reshape(-1)[0].item())
+        else:
+            kind = pm.group("kind")
+            if on_bias:
+                kind = {"diff": "diff_b", "set_weight": "set_bias"}.get(kind, kind)
+            formats[fmt] += 1
+            whole.setdefault(name, {})[kind] = t
 
     if lora_like == 0:
         shown = ", ".join(list(tensors)[:5]) or "(no tensors)"
         raise WrongModelError(f"{source} holds no LoRA weights (no lora_down/lora_up or lora_A/lora_B keys; "
                               f"first keys: {shown}). Is it a full model checkpoint rather than a LoRA?")
 
-    layers: dict[str, LoraLayer] = {}
-    for name in sorted(set(downs) | set(ups), key=_natural_key):
-        if name not in downs or name not in ups:
-            unmapped.extend(raw_keys.get(name, [name]))
-            continue
-        d, u = downs[name], ups[name]
-        if d.ndim != 2 or u.ndim != 2 or d.shape[0] != u.shape[1]:
-            unmapped.extend(raw_keys.get(name, [name]))
-            logger.debug("LoRA layer %s has non-Linear or inconsistent shapes %s / %s", name, tuple(d.shape), tuple(u.shape))
-            continue
-        rank = int(d.shape[0])
+    def alpha_for(name: str, rank: int) -> float | None:
         if name in alphas:
-            alpha = alphas[name]
-        else:
-            alpha = None
-            if adapter_cfg:
-                alpha = _pattern_value(adapter_cfg.get("alpha_pattern") or {}, name)
-                if alpha is None and "lora_alpha" in adapter_cfg:
-                    alpha = adapter_cfg["lora_alpha"]
-            if alpha is None and "ss_network_alpha" in extra:
-                try:
-                    alpha = float(extra["ss_network_alpha"])
-                except ValueError:
-                    alpha = None
-            if alpha is None:
-                alpha = float(rank)  # no alpha anywhere: scale 1, as ComfyUI and peft do
-        layers[name] = LoraLayer(d, u, float(alpha))
+            return alphas[name]
+        alpha = _adapter_alpha(adapter_cfg, name, rank)
+        if alpha is None and "ss_network_alpha" in extra:
+            try:
+                alpha = float(extra["ss_network_alpha"])
+            except ValueError:
+                alpha = None
+        return alpha
+
+    layers: dict[str, LoraLayer] = {}
+    patches: dict[str, ParamPatch] = {}
+    for name in sorted(set(downs) | set(ups) | set(whole), key=_natural_key):
+        weight_name, bias_name = owner_params(name)
+        kinds = whole.get(name, {})
+        is_linear = _is_diffusers_name(name)
+        # ComfyUI keeps one patch per tensor: the last of lora, w_norm, diff, set_weight (diff_b over b_norm)
+        weight_patch: ParamPatch | None = None
+        pair = (downs.get(name), ups.get(name))
+        if pair[0] is not None or pair[1] is not None:
+            d, u = pair
+            if d is None or u is None or d.ndim < 2 or d.ndim != u.ndim or d.shape[0] != u.shape[1]:
+                unmapped.extend(k for k in raw_keys.get(name, [name]) if _PART_RE.match(k) or _ALPHA_RE.match(k))
+                logger.debug("LoRA layer %s has a missing half or inconsistent shapes", name)
+            elif is_linear and d.ndim == 2:
+                rank = int(d.shape[0])
+                alpha = alpha_for(name, rank)
+                layers[name] = LoraLayer(d, u, float(rank if alpha is None else alpha))
+            else:  # a conv (patch_embedding) or another non-Linear tensor: a ComfyUI-style weight patch
+                weight_patch = ParamPatch("lora", u, d, alpha_for(name, int(d.shape[0])))
+        for kind, pk in (("w_norm", "diff"), ("diff", "diff"), ("set_weight", "set")):
+            if kind in kinds:
+                weight_patch = ParamPatch(pk, kinds[kind])
+        if weight_patch is not None:
+            if name in layers and weight_patch.kind != "lora":
+                logger.info("%s: %s carries a LoRA pair and a %s; ComfyUI applies only the latter, so do we",
+                            source, name, weight_patch.kind)
+                del layers[name]
+            patches[weight_name] = weight_patch
+        bias_patch = None
+        for kind, pk in (("b_norm", "diff"), ("diff_b", "diff"), ("set_bias", "set")):
+            if kind in kinds:
+                bias_patch = ParamPatch(pk, kinds[kind])
+        if bias_patch is not None:
+            if bias_name is None:
+                unmapped.extend(k for k in raw_keys.get(name, []) if k.endswith((".diff_b", ".b_norm")))
+            else:
+                patches[bias_name] = bias_patch
     for name in alphas:
         if name not in downs and name not in ups:
             unmapped.extend(raw_keys.get(name, [name]))
 
-    if not layers:
+    if not layers and not patches:
         raise LoraMismatchError(
             f"{source} is a LoRA, but none of its {lora_like} LoRA keys names a Wan2.2 transformer layer "
             f"(first: {', '.join(unmapped[:_MAX_LISTED])}). It seems to be for {_guess_base(list(tensors), {}, meta)}. "
@@ -439,9 +548,42 @@ def parse_lora_state_dict(tensors: Mapping[str, torch.Tensor], header: Mapping[s
 
     ranks = Counter(l.rank for l in layers.values())
     alpha_c = Counter(l.alpha for l in layers.values())
+    if not ranks:  # a file of patches only
+        ranks = Counter(int(p.down.shape[0]) for p in patches.values() if p.down is not None) or Counter({0: 1})
+        alpha_c = Counter(float(p.alpha) for p in patches.values() if p.alpha is not None) or Counter({0.0: 1})
     return LoraFile(weights=layers, rank=ranks.most_common(1)[0][0], alpha=alpha_c.most_common(1)[0][0],
                     metadata=meta, prompt_embeds=prompt, negative_prompt_embeds=negative, extra_metadata=extra,
-                    unmapped_keys=unmapped, source_format=formats.most_common(1)[0][0] if formats else "unknown")
+                    unmapped_keys=unmapped, source_format=formats.most_common(1)[0][0] if formats else "unknown",
+                    patches=patches)
+
+
+#: file names of a LoRA inside a folder: peft ``save_pretrained``, diffusers ``save_lora_weights``
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _peft_files(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """(weights file, peft adapter config or None) for a LoRA path: a file, or a peft / diffusers folder."""
+    if path.is_dir():
+        for fname in (PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME):
+            if (path / fname).is_file():
+                return _peft_files(path / fname)
+        if (path / "adapter_model.bin").is_file():
+            raise ModelFileError(f"{path} holds adapter_model.bin (a pickle); save the adapter with "
+                                 "safe_serialization=True (the default) to get adapter_model.safetensors.")
+        raise ModelFileError(f"LoRA folder {path} has no {PEFT_WEIGHTS_NAME} (peft save_pretrained) or "
+                             f"{DIFFUSERS_WEIGHTS_NAME}; pass the .safetensors file itself.")
+    cfg_path = path.parent / PEFT_CONFIG_NAME
+    if path.name == PEFT_WEIGHTS_NAME and cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelFileError(f"{cfg_path} is not readable JSON ({e}); it gives the adapter's alpha.") from None
+        if not isinstance(cfg, dict):
+            raise ModelFileError(f"{cfg_path} is not a peft adapter config (a JSON object expected).")
+        return path, cfg
+    return path, None
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
@@ -450,9 +592,9 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     Raises :class:`ModelFileError` for a missing or unreadable file, :class:`WrongModelError` for a
     safetensors file without LoRA keys, :class:`LoraMismatchError` for a LoRA of another architecture.
     """
-    p = Path(path)
+    p, adapter_config = _peft_files(Path(path))
     tensors, header = _load_safetensors(p)
-    lora = parse_lora_state_dict(tensors, header, source=str(p))
+    lora = parse_lora_state_dict(tensors, header, source=str(p), adapter_config=adapter_config)
     lora.path = p
     if lora.unmapped_keys:
         logger.debug("%s: %d keys not mapped to Wan layers: %s", p, len(lora.unmapped_keys), lora.unmapped_keys[:_MAX_LISTED])
@@ -584,10 +726,16 @@ def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
 
 
 def check_lora_fits(transformer: torch.nn.Module, lora: LoraFile) -> tuple[list[str], list[str]]:
-    """(keys/layers that map to no Linear of the model, shape differences as text)."""
+    """(keys/layers that map to no Linear or tensor of the model, shape differences as text)."""
     modules = dict(transformer.named_modules())
     missing = list(lora.unmapped_keys)
     shapes: list[str] = []
+    for name, patch in lora.patches.items():
+        p = _find_param(transformer, name)
+        if p is None:
+            missing.append(name)
+        elif not patch.fits(p.shape):
+            shapes.append(f"{name}: {patch.shape_text()} vs model {tuple(p.shape)}")
     for name, layer in lora.weights.items():
         mod = modules.get(name)
         shape = _linear_shape(mod) if mod is not None else None
@@ -610,8 +758,14 @@ def _mismatch_message(lora: LoraFile, missing: list[str], shapes: list[str], tot
     if shapes:
         problems.append(f"{len(shapes)} layers have other shapes (first: {'; '.join(shapes[:_MAX_LISTED])})")
     parts = [f"{src} does not fit this model: {'; '.join(problems)}."]
-    parts.append(f"The file seems to be for {_guess_base(list(lora.weights) + lora.unmapped_keys, lora.weights, lora.metadata)}.")
-    parts.append("Use a LoRA trained for Wan2.2-TI2V-5B, or pass allow_partial=True to apply the matching part.")
+    unsupported = [m for m in missing if _UNSUPPORTED_RE.search(m)]
+    if unsupported:
+        parts.append(f"{len(unsupported)} keys are LoHa/LoKr/DoRA/OFT/LoCon-mid adapter parts, which are not "
+                     "supported (only LoRA pairs and diff/diff_b/norm/set_weight tensors are).")
+    if len(unsupported) < len(missing) or shapes:
+        parts.append(f"The file seems to be for {_guess_base(list(lora.weights) + lora.unmapped_keys, lora.weights, lora.metadata)}.")
+    parts.append("Use a LoRA trained for Wan2.2-TI2V-5B, or apply only the matching part: --allow-partial (CLI), "
+                 "allow_partial_lora (V-Bridge Load Model) or allow_partial=True (Python); the rest is listed.")
     return " ".join(parts)
 
 
@@ -623,9 +777,14 @@ def _strengths(transformer: torch.nn.Module) -> dict[str, float]:
     return s
 
 
-def loaded_loras(transformer: torch.nn.Module) -> list[str]:
-    """Names of the adapters loaded on ``transformer`` (active or not)."""
+def _peft_adapters(transformer: torch.nn.Module) -> list[str]:
     return list(getattr(transformer, "peft_config", {}) or {})
+
+
+def loaded_loras(transformer: torch.nn.Module) -> list[str]:
+    """Names of the adapters loaded on ``transformer`` (active or not): peft adapters and patch-only ones."""
+    names = _peft_adapters(transformer)
+    return names + [n for n in patch_adapters(transformer) if n not in names]
 
 
 def active_loras(transformer: torch.nn.Module) -> dict[str, float]:
@@ -636,13 +795,15 @@ def active_loras(transformer: torch.nn.Module) -> dict[str, float]:
 def _sync_active(transformer: torch.nn.Module) -> None:
     """Push the recorded strengths to peft: listed adapters active at their strength, others off."""
     active = _strengths(transformer)
-    if not loaded_loras(transformer):
+    sync_patches(transformer, active)
+    peft_names = _peft_adapters(transformer)
+    if not peft_names:
         return
-    if not active:
+    names = [n for n in active if n in peft_names]
+    if not names:
         transformer.disable_lora()
         return
     transformer.enable_lora()
-    names = list(active)
     transformer.set_adapters(names, [float(active[n]) for n in names])
 
 
@@ -671,19 +832,28 @@ def apply_lora(transformer: torch.nn.Module, lora: LoraFile | str | os.PathLike,
     if not isinstance(lora, LoraFile):
         lora = read_lora(lora)
     missing, shapes = check_lora_fits(transformer, lora)
-    total = len(lora.weights) + len(lora.unmapped_keys)
+    total = len(lora.weights) + len(lora.patches) + len(lora.unmapped_keys)
     layers = dict(lora.weights)
+    patches = dict(lora.patches)
     if missing or shapes:
         msg = _mismatch_message(lora, missing, shapes, total)
         bad = {s.split(":", 1)[0] for s in shapes} | {m.split(" ", 1)[0] for m in missing}
         layers = {n: l for n, l in layers.items() if n not in bad}
-        if not allow_partial or not layers:
+        patches = {n: p for n, p in patches.items() if n not in bad}
+        if not allow_partial or not (layers or patches):
             raise LoraMismatchError(msg)
-        logger.warning("applying the matching part only (%d of %d layers). %s", len(layers), len(lora.weights), msg)
+        logger.warning("applying the matching part only (%d of %d layers/tensors). %s", len(layers) + len(patches),
+                       len(lora.weights) + len(lora.patches), msg)
 
     if adapter_name in loaded_loras(transformer):
         logger.info("replacing LoRA adapter %r", adapter_name)
         remove_lora(transformer, adapter_name)
+    if not layers:  # tensor patches only (e.g. an extracted bias/norm LoRA): no peft adapter
+        add_patches(transformer, adapter_name, patches)
+        _strengths(transformer)[adapter_name] = float(strength)
+        _sync_active(transformer)
+        logger.info("LoRA %s applied as %r at strength %g", lora.describe(), adapter_name, strength)
+        return lora
 
     ranks = Counter(l.rank for l in layers.values())
     alphas = Counter(l.alpha for l in layers.values())
@@ -708,6 +878,7 @@ def apply_lora(transformer: torch.nn.Module, lora: LoraFile | str | os.PathLike,
         # peft warns that a second adapter joins an existing peft_config: that is the point here.
         warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
         transformer.load_lora_adapter(state, adapter_name=adapter_name, prefix=None, metadata=config)
+    add_patches(transformer, adapter_name, patches)
     was_active[adapter_name] = float(strength)
     _sync_active(transformer)
     logger.info("LoRA %s applied as %r at strength %g", lora.describe(), adapter_name, strength)
@@ -734,9 +905,11 @@ def remove_lora(transformer: torch.nn.Module, name: str) -> None:
     """Delete the adapter ``name`` from ``transformer``; the other adapters keep their state."""
     if name not in loaded_loras(transformer):
         raise InputError(f"no LoRA adapter named {name!r} is loaded (loaded: {loaded_loras(transformer) or 'none'}).")
-    with warnings.catch_warnings():
-        # peft announces which adapter it activates instead; _sync_active sets the real state next.
-        warnings.filterwarnings("ignore", message=".*which is now deleted.*")
-        transformer.delete_adapters(name)
+    if name in _peft_adapters(transformer):
+        with warnings.catch_warnings():
+            # peft announces which adapter it activates instead; _sync_active sets the real state next.
+            warnings.filterwarnings("ignore", message=".*which is now deleted.*")
+            transformer.delete_adapters(name)
+    drop_patches(transformer, name)
     _strengths(transformer).pop(name, None)
     _sync_active(transformer)

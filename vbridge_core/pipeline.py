@@ -125,8 +125,12 @@ class VBridgePipeline:
                    drift_lora: str | Path | None = None, drift_strength: float = 1.0,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    text_encoder: str | Path | None = None, tokenizer: str | Path | None = None,
-                   vae_tiling: bool = False, offload: bool = False) -> "VBridgePipeline":
+                   vae_tiling: bool = False, offload: bool = False,
+                   allow_partial_lora: bool = False) -> "VBridgePipeline":
         """Load the DiT and VAE (single files or a diffusers folder) and the optional LoRAs.
+
+        ``allow_partial_lora=True`` applies the part of a LoRA that fits and logs the rest (see
+        :meth:`load_lora`); by default a LoRA with keys that fit nothing is refused.
 
         ``offload=True`` keeps both models in CPU memory and moves each to ``device`` only while it
         works (the VAE for encode/decode, the DiT for sampling): peak VRAM is one model, not two.
@@ -144,16 +148,18 @@ class VBridgePipeline:
         pipe = cls(transformer, vae_model, device=dev, dtype=dt, text_encoder=text_encoder, tokenizer=tokenizer,
                    vae_tiling=vae_tiling, offload=offload)
         if lora:
-            pipe.load_lora(lora, role="restoration", strength=lora_strength)
+            pipe.load_lora(lora, role="restoration", strength=lora_strength, allow_partial=allow_partial_lora)
         if drift_lora:
-            pipe.load_lora(drift_lora, role="drift_correction", strength=drift_strength)
+            pipe.load_lora(drift_lora, role="drift_correction", strength=drift_strength, allow_partial=allow_partial_lora)
         return pipe
 
-    def load_lora(self, lora: Any, role: str | None = None, strength: float = 1.0) -> str:
-        """Attach a LoRA (path or :class:`lora.LoraFile`) as the adapter for ``role``.
+    def load_lora(self, lora: Any, role: str | None = None, strength: float = 1.0, *, allow_partial: bool = False) -> str:
+        """Attach a LoRA (path, peft ``save_pretrained`` folder or :class:`lora.LoraFile`) as the adapter for ``role``.
 
         ``role`` defaults to the role in the file's metadata. An adapter already loaded for the role
-        is replaced. Returns the role.
+        is replaced. ``allow_partial=True`` applies the layers/tensors that fit this model and lists
+        the others in a warning (and in ``self.adapters[role]["skipped"]``) instead of refusing the
+        LoRA. Returns the role.
         """
         from .lora import LoraFile, apply_lora, read_lora, remove_lora
 
@@ -168,8 +174,14 @@ class VBridgePipeline:
         if role in self.adapters:
             remove_lora(self.transformer, self.adapters[role]["name"])
         name = f"vbridge_{role}"
-        apply_lora(self.transformer, lf, adapter_name=name, strength=strength)
-        self.adapters[role] = {"name": name, "strength": float(strength), "file": lf}
+        skipped: list[str] = []
+        if allow_partial:
+            from .lora import check_lora_fits
+
+            missing, shapes = check_lora_fits(self.transformer, lf)
+            skipped = missing + shapes
+        apply_lora(self.transformer, lf, adapter_name=name, strength=strength, allow_partial=allow_partial)
+        self.adapters[role] = {"name": name, "strength": float(strength), "file": lf, "skipped": skipped}
         self._activate(None)
         return role
 
@@ -363,6 +375,9 @@ class VBridgePipeline:
                     compiled=self.compiled,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                     adapters={r: a["strength"] for r, a in self.adapters.items()})
+        skipped = {r: a["skipped"][:10] for r, a in self.adapters.items() if a.get("skipped")}
+        if skipped:  # allow_partial: say what of the LoRA was not applied, next to the result
+            info["lora_not_applied"] = skipped
         if self.device.type == "cuda":
             info["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return RestoreResult(final=[f for f in finals if f is not None],

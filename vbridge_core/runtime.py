@@ -104,12 +104,14 @@ def set_attention(transformer: torch.nn.Module, attention: str, device: torch.de
 def load_pipeline(*, dit: str | os.PathLike, vae: str | os.PathLike, lora: str | os.PathLike | None = None,
                   lora_strength: float = 1.0, drift_lora: str | os.PathLike | None = None,
                   drift_strength: float = 1.0, precision: str = "bf16", attention: str = "auto",
-                  offload: bool = False, device: torch.device | str | None = None) -> Any:
+                  offload: bool = False, device: torch.device | str | None = None,
+                  allow_partial_lora: bool = False) -> Any:
     """Load a :class:`VBridgePipeline` with a precision name, an attention backend and LoRAs.
 
     ``device`` defaults to CUDA when available, else CPU. Loading runs outside inference mode (as
     ComfyUI executes nodes inside ``torch.inference_mode()``) so the weights stay usable for LoRA
     training on the same pipeline. The chosen options are recorded in ``pipe.runtime``.
+    ``allow_partial_lora=True`` applies what fits of a LoRA and lists the rest (see ``VBridgePipeline.load_lora``).
     """
     from .pipeline import VBridgePipeline, default_device
 
@@ -123,9 +125,10 @@ def load_pipeline(*, dit: str | os.PathLike, vae: str | os.PathLike, lora: str |
             enable_fp8_storage(pipe.transformer, compute)
         used = set_attention(pipe.transformer, attention, dev)
         if lora:
-            pipe.load_lora(lora, role="restoration", strength=lora_strength)
+            pipe.load_lora(lora, role="restoration", strength=lora_strength, allow_partial=allow_partial_lora)
         if drift_lora:
-            pipe.load_lora(drift_lora, role="drift_correction", strength=drift_strength)
+            pipe.load_lora(drift_lora, role="drift_correction", strength=drift_strength,
+                           allow_partial=allow_partial_lora)
     pipe.runtime = dict(precision=precision, compute_dtype=str(compute).replace("torch.", ""),
                         weight_storage=str(storage or compute).replace("torch.", ""), attention=used,
                         offload=bool(offload), device=str(dev), dit=str(dit), vae=str(vae),

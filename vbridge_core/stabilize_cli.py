@@ -161,7 +161,8 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
     stab = a.stabilizer if a.stabilizer else a.ema
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
                                       device=a.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
-                                      tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload)
+                                      tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload,
+                                      allow_partial_lora=a.allow_partial)
     if a.compile:
         pipe.compile()
     kw = _sampler_kwargs(a)
