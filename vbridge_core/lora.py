@@ -43,8 +43,17 @@ Formats read (auto-detected per key, reported in :attr:`LoraFile.source_format`)
 * ``kohya``: musubi-tuner / kohya ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` + ``.alpha``
   (Wan names; diffusers names written the same way are accepted too).
 
-All are normalised to :class:`LoraLayer` keyed by the diffusers module name
-(``blocks.0.attn1.to_q``), which is what peft injects into.
+* ``peft``: a ``save_pretrained`` folder (``adapter_model.safetensors`` + ``adapter_config.json``; the
+  folder or the file inside it): alpha from the config (``lora_alpha``, ``alpha_pattern``,
+  ``use_rslora``), never assumed equal to the rank when the config says otherwise;
+* the other spellings ComfyUI's ``weight_adapter/lora.py`` reads (``.lora.up.weight``,
+  ``_lora.up.weight``, ``.lora_linear_layer.up.weight``, ``.lora_B`` without ``.weight``).
+
+Linear LoRA pairs are normalised to :class:`LoraLayer` keyed by the diffusers module name
+(``blocks.0.attn1.to_q``), which is what peft injects into. The other tensors ComfyUI applies from
+LoRA files (``diff``, ``diff_b``, ``w_norm``/``b_norm``, ``set_weight``, conv LoRA pairs on the patch
+embedding) become :class:`~.lora_patches.ParamPatch` entries in :attr:`LoraFile.patches`, keyed by the
+diffusers tensor name, and are applied with ComfyUI's arithmetic (see :mod:`.lora_patches`).
 
 Mismatch policy
 ---------------
@@ -52,7 +61,8 @@ Mismatch policy
 the loaded model or any shape differs, listing the first names, the differing shapes and the base
 model the file seems to be for. A half-applied LoRA gives plausible-looking but wrong restorations,
 which is worse than an error. ``allow_partial=True`` applies the matching part and logs a warning
-with the rest (it still raises when nothing matches).
+with the rest (it still raises when nothing matches). LoHa/LoKr/DoRA/OFT keys are not supported and
+are reported as such.
 """
 from __future__ import annotations
 
