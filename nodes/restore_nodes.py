@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 CATEGORY = "V-Bridge"
 SOLVERS = ["unipc", "euler"]
+SIGMA_GRIDS = ["diffusers", "official"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 _MODEL_TIP = "The model from 'V-Bridge Load Model'."
@@ -36,6 +37,35 @@ def _steps_input() -> tuple[str, dict[str, Any]]:
 
 def _seed_input() -> tuple[str, dict[str, Any]]:
     return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": _SEED_TIP})
+
+
+_PRESET_TIP = ("Sampler recipe. custom: the settings on this node. fast: guidance 1 on diffusers' grid. paper: the "
+               "authors' release (official Wan sigma grid, 50 UniPC steps, shift 5, guidance 6 without the negative "
+               "pass in the last 15% of steps, inputs larger than 1440x2560 resized as the release does). A named "
+               "preset replaces steps, shift, solver, guidance, sigma_grid and guidance_skip_tail; frames and seed "
+               "always come from this node (frames must match the LoRA).")
+_GRID_TIP = ("Sigma grid (custom preset): diffusers' UniPC flow grid, or the official Wan grid the paper used "
+             "(they differ by up to 4e-3).")
+_SKIP_TIP = ("Fraction of the last steps run without the negative pass when guidance > 1 (custom preset; the "
+             "paper uses 0.15, i.e. 7 of 50 steps).")
+
+
+def _preset_inputs(guidance_default: float = 1.0) -> dict[str, Any]:
+    """The recipe widgets shared by RestoreTrajectory and DriftCorrect (appended after the older ones)."""
+    from vbridge_core.presets import CUSTOM, preset_choices
+
+    return {
+        "preset": (preset_choices(), {"default": CUSTOM, "tooltip": _PRESET_TIP}),
+        "sigma_grid": (SIGMA_GRIDS, {"default": "diffusers", "tooltip": _GRID_TIP}),
+        "guidance_skip_tail": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": _SKIP_TIP}),
+    }
+
+
+def _settings(preset: str, **custom: Any) -> dict[str, Any]:
+    """Sampler kwargs for the pipeline from the preset choice and the node's own widget values."""
+    from vbridge_core.presets import resolve_settings
+
+    return resolve_settings(preset, custom)
 
 
 def _check_model(model: Any) -> None:
@@ -59,6 +89,16 @@ def _embeds_from_conditioning(conditioning: Any, model: Any, what: str) -> Optio
     if len(conditioning) > 1:
         logger.warning("%s holds %d entries; V-Bridge uses the first one", what, len(conditioning))
     return prepare_prompt_embeds(tensor, int(model.transformer.config.text_dim), what)
+
+
+def _prompt_kwargs(model: Any, conditioning: Any, negative: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """``prompt_embeds`` / ``negative_prompt_embeds`` from the optional CONDITIONING inputs."""
+    guided = float(settings.get("guidance", 1.0)) > 1.0
+    pos = _embeds_from_conditioning(conditioning, model, "conditioning")
+    neg = _embeds_from_conditioning(negative, model, "negative") if guided else None
+    if negative is not None and not guided:
+        logger.info("negative conditioning ignored: guidance is 1.0 (no negative pass)")
+    return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
 
 
 def run_on_comfy_images(model: Any, image: Any, role: str, **settings: Any) -> tuple[Any, Any, Any]:
@@ -131,11 +171,13 @@ class RestoreTrajectory:
                 "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": (
                     "Classifier-free guidance. 1.0 = one model call per step (fast, the V-Bridge default); above 1 "
                     "adds a negative-prompt pass (the LoRA's embedded negative prompt, or 'negative').")}),
+                **_preset_inputs(),
             },
             "optional": {
                 "conditioning": ("CONDITIONING", {"tooltip": (
                     "Optional prompt from CLIPTextEncode with a umt5-xxl text encoder (CLIPLoader type 'wan'); "
-                    "overrides the prompt embedded in the LoRA.")}),
+                    "overrides the prompt embedded in the LoRA. Needed with a full fine-tune (no LoRA): the paper "
+                    "preset then wants the release's prompt here and its negative prompt in 'negative'.")}),
                 "negative": ("CONDITIONING", {"tooltip": (
                     "Optional negative prompt (CLIPLoader type 'wan'), used when guidance > 1; overrides the "
                     "LoRA's embedded negative prompt.")}),
@@ -143,18 +185,18 @@ class RestoreTrajectory:
         }
 
     def restore(self, vbridge_model: Any, image: Any, frames: int, steps: int, seed: int, shift: float, solver: str,
-                guidance: float, conditioning: Any = None, negative: Any = None) -> tuple[Any, Any, str]:
+                guidance: float, preset: str = "custom", sigma_grid: str = "diffusers",
+                guidance_skip_tail: float = 0.0, conditioning: Any = None,
+                negative: Any = None) -> tuple[Any, Any, str]:
         """Restore ``image`` and return ``(restored, trajectory, info)``."""
         from vbridge_core.runtime import format_info
 
         _check_model(vbridge_model)
-        pos = _embeds_from_conditioning(conditioning, vbridge_model, "conditioning")
-        neg = _embeds_from_conditioning(negative, vbridge_model, "negative") if guidance > 1.0 else None
-        if negative is not None and guidance <= 1.0:
-            logger.info("negative conditioning ignored: guidance is 1.0 (no negative pass)")
-        final, traj, result = run_on_comfy_images(
-            vbridge_model, image, "restoration", frames=int(frames), steps=int(steps), seed=int(seed),
-            shift=float(shift), solver=solver, guidance=float(guidance), prompt_embeds=pos, negative_prompt_embeds=neg)
+        kw = _settings(preset, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift), solver=solver,
+                       guidance=float(guidance), sigma_grid=sigma_grid, guidance_skip_tail=float(guidance_skip_tail))
+        final, traj, result = run_on_comfy_images(vbridge_model, image, "restoration", **kw,
+                                                  **_prompt_kwargs(vbridge_model, conditioning, negative, kw))
+        result.info["preset"] = preset
         return final, traj, format_info(result.info, getattr(vbridge_model, "runtime", None))
 
 
@@ -184,10 +226,24 @@ class DriftCorrect:
                 "frames": _frames_input(),
                 "steps": _steps_input(),
                 "seed": _seed_input(),
-            }
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": (
+                    "Flow-matching timestep shift (custom preset; Wan default 5.0).")}),
+                "solver": (SOLVERS, {"default": "unipc", "tooltip": "ODE solver (custom preset)."}),
+                "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": (
+                    "Classifier-free guidance (custom preset); above 1 adds a negative-prompt pass.")}),
+                **_preset_inputs(),
+            },
+            "optional": {
+                "conditioning": ("CONDITIONING", {"tooltip": (
+                    "Optional prompt (CLIPTextEncode, CLIPLoader type 'wan'); overrides the drift LoRA's embedded "
+                    "prompt, and is required for a drift LoRA that carries none.")}),
+                "negative": ("CONDITIONING", {"tooltip": "Optional negative prompt, used when guidance > 1."}),
+            },
         }
 
-    def correct(self, vbridge_model: Any, image: Any, frames: int, steps: int, seed: int) -> tuple[Any, Any]:
+    def correct(self, vbridge_model: Any, image: Any, frames: int, steps: int, seed: int, shift: float = 5.0,
+                solver: str = "unipc", guidance: float = 1.0, preset: str = "custom", sigma_grid: str = "diffusers",
+                guidance_skip_tail: float = 0.0, conditioning: Any = None, negative: Any = None) -> tuple[Any, Any]:
         """Drift-correct ``image`` and return ``(corrected, trajectory)``."""
         from vbridge_core.errors import InputError
 
@@ -195,6 +251,9 @@ class DriftCorrect:
         if "drift_correction" not in vbridge_model.adapters:
             raise InputError("this V-Bridge model has no drift-correction LoRA: pick one as 'drift_lora' in "
                              "'V-Bridge Load Model' (a LoRA trained for drift correction, in models/loras/vbridge/)")
-        final, traj, _ = run_on_comfy_images(vbridge_model, image, "drift_correction", frames=int(frames),
-                                             steps=int(steps), seed=int(seed))
+        kw = _settings(preset, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift), solver=solver,
+                       guidance=float(guidance), sigma_grid=sigma_grid, guidance_skip_tail=float(guidance_skip_tail))
+        kw.pop("release_size", None)  # the drift pass refines an already restored (already fitted) image
+        final, traj, _ = run_on_comfy_images(vbridge_model, image, "drift_correction", **kw,
+                                             **_prompt_kwargs(vbridge_model, conditioning, negative, kw))
         return final, traj

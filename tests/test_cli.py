@@ -176,3 +176,39 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert report["pairs"] == 6
     assert len(list((tmp_path / "demo").glob("*_compare.png"))) == 6
     assert (tmp_path / "demo" / "loras" / "demo_drift_correction.safetensors").exists()
+
+
+def test_eval_protocols_and_json(tmp_path, capsys):
+    from vbridge_core.metrics import image_metrics, psnr, ssim
+
+    g = torch.Generator().manual_seed(4)
+    for d in ("r", "h"):
+        (tmp_path / d).mkdir()
+    xs = {}
+    for name in ("one", "two"):
+        x = torch.rand(3, 32, 40, generator=g)
+        save_png(x, tmp_path / "h" / f"{name}.png")
+        save_png((x + 0.1 * torch.randn(3, 32, 40, generator=g)).clamp(0, 1), tmp_path / "r" / f"{name}.png")
+    from vbridge_core.images import load_image
+
+    pairs = {n: (load_image(tmp_path / "r" / f"{n}.png"), load_image(tmp_path / "h" / f"{n}.png")) for n in ("one", "two")}
+    for protocol in ("foundir", "release"):
+        j = tmp_path / f"{protocol}.json"
+        assert main(["eval", str(tmp_path / "r"), str(tmp_path / "h"), "--protocol", protocol, "--json", str(j)]) == 0
+        rep = json.loads(j.read_text())
+        assert rep["protocol"] == protocol and rep["count"] == 2 and [i["name"] for i in rep["images"]] == ["one", "two"]
+        for i in rep["images"]:
+            want = image_metrics(*pairs[i["name"]], protocol)
+            assert set(want) <= set(i) and all(abs(i[k] - float(v)) < 1e-12 for k, v in want.items())
+        assert set(rep["mean"]) == set(want)
+        assert rep["mean"][next(iter(want))] == pytest.approx(sum(i[next(iter(want))] for i in rep["images"]) / 2)
+    j = tmp_path / "custom.json"
+    assert main(["eval", str(tmp_path / "r"), str(tmp_path / "h"), "--psnr-channel", "y", "--ssim-channel", "rgb",
+                 "--json", str(j)]) == 0
+    rep = json.loads(j.read_text())
+    assert rep["protocol"] == "custom"
+    assert rep["images"][0]["psnr"] == float(psnr(*pairs["one"], channel="y"))
+    assert rep["images"][0]["ssim"] == float(ssim(*pairs["one"], channel="rgb"))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r"), str(tmp_path / "h"), "--protocol", "foundir", "--ssim-channel", "y"]) == 2
+    assert "--protocol custom" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vbridge_core.pipeline import VBridgePipeline
+from vbridge_core.runtime import pad_prompt_embeds
 from vbridge_core.tiny import build_tiny_transformer, build_tiny_vae, tiny_prompt_embeds
 
 
@@ -44,7 +45,9 @@ def test_restore_matches_diffusers_pipeline(models, guidance, frames, steps):
     pos = tiny_prompt_embeds(seed=5)
     neg = tiny_prompt_embeds(seed=6)
 
-    ref = _diffusers_reference(transformer, vae, image, pos, neg, frames, steps, guidance, seed=7, shift=5.0)
+    # diffusers' text path zero-pads umt5 embeddings to 512 tokens; we pad whatever we are given
+    ref = _diffusers_reference(transformer, vae, image, pad_prompt_embeds(pos), pad_prompt_embeds(neg), frames, steps,
+                               guidance, seed=7, shift=5.0)
     pipe = VBridgePipeline(transformer, vae, device="cpu", dtype=torch.float32, prompt_embeds=pos,
                            negative_prompt_embeds=neg)
     res = pipe.restore(torch.from_numpy(arr).permute(2, 0, 1).float() / 255, frames=frames, steps=steps, seed=7,

@@ -64,6 +64,9 @@ def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video
                    help="classifier-free guidance; 1.0 (default) = one DiT call per step, >1 adds a negative pass")
     g.add_argument("--guidance-skip-tail", type=float, default=None,
                    help="fraction of the last steps without the negative pass (default 0; paper 0.15)")
+    g.add_argument("--release-size", action=argparse.BooleanOptionalAction, default=None,
+                   help="the release's size rule: inputs larger than 1440x2560 are resized to an area <= 2560x1440 "
+                   "(sides multiples of 32) and restored at that size (default: on with --preset paper, else off)")
     g.add_argument("--prompt", default=None, help="override the LoRA's embedded prompt (needs --text-encoder)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for guidance > 1 (needs --text-encoder)")
     if not video:
@@ -76,13 +79,14 @@ def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5) -> dict[str,
 
     kw: dict[str, Any] = preset(a.preset or "fast")
     kw["frames"] = frames_default if a.preset is None else kw["frames"]
-    for name in ("frames", "steps", "shift", "solver", "sigma_grid", "guidance", "guidance_skip_tail"):
+    for name in ("frames", "steps", "shift", "solver", "sigma_grid", "guidance", "guidance_skip_tail", "release_size"):
         v = getattr(a, name)
         if v is not None:
             kw[name] = v
     kw.update(seed=a.seed, batch_size=getattr(a, "batch_size", 1), prompt=a.prompt, negative_prompt=a.negative_prompt)
-    if a.preset == "paper" and a.text_encoder:
-        # with a text encoder the release's own prompt pair is used; without one, the LoRA's embedded pair
+    if a.text_encoder and (a.preset == "paper" or not getattr(a, "lora", None)):
+        # with a text encoder the release's own prompt pair is used (always for a full fine-tune without a
+        # LoRA, which carries no prompt); without one, the LoRA's embedded pair
         from .presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT
 
         kw["prompt"] = kw["prompt"] or PAPER_PROMPT
@@ -123,6 +127,10 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     images = [load_image(p) for p in paths]
     if drift_only and not a.drift_lora:
         raise InputError("drift-correct needs --drift-lora FILE (a V-Bridge drift-correction LoRA)")
+    if not drift_only and not getattr(a, "lora", None) and not a.text_encoder:
+        from .pipeline import RELEASE_PROMPT_HELP
+
+        raise InputError(RELEASE_PROMPT_HELP)  # before loading 10 GB of weights for nothing
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=getattr(a, "lora", None),
                                       lora_strength=getattr(a, "lora_strength", 1.0), drift_lora=a.drift_lora,
                                       drift_strength=a.drift_strength, device=a.device, dtype=_dtype(a.dtype),
@@ -160,28 +168,9 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .images import load_image
-    from .metrics import psnr, ssim
+    from .eval_cli import cmd_eval as run
 
-    restored = {p.stem: p for p in _collect_inputs([a.restored])}
-    refs = {p.stem: p for p in _collect_inputs([a.reference])}
-    common = sorted(set(restored) & set(refs))
-    missing = sorted(set(restored) ^ set(refs))
-    if not common:
-        raise InputError(f"no file names in common between {a.restored} and {a.reference}")
-    if missing:
-        logger.warning("skipped files without a partner: %s", missing[:10])
-    rows = []
-    for s in common:
-        x, y = load_image(restored[s]), load_image(refs[s])
-        if x.shape != y.shape:
-            raise InputError(f"{s}: restored {tuple(x.shape[1:])} and reference {tuple(y.shape[1:])} differ in size")
-        rows.append((s, float(psnr(x, y, channel=a.psnr_channel)), float(ssim(x, y, channel=a.ssim_channel))))
-    for s, p, q in rows:
-        print(f"{s}\tPSNR {p:.3f} dB\tSSIM {q:.4f}")
-    print(f"mean\tPSNR {sum(r[1] for r in rows) / len(rows):.3f} dB\tSSIM {sum(r[2] for r in rows) / len(rows):.4f}"
-          f"\t({len(rows)} images; PSNR on {a.psnr_channel.upper()}, SSIM on {a.ssim_channel.upper()})")
-    return 0
+    return run(a)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -242,12 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stabilizer_parsers(sub, _add_model_args, _add_sampler_args)
 
-    e = sub.add_parser("eval", help="PSNR/SSIM of restored images against references (matching names)",
-                       formatter_class=fmt)
-    e.add_argument("restored", help="folder of restored images")
-    e.add_argument("reference", help="folder of reference (HQ) images")
-    e.add_argument("--psnr-channel", choices=["rgb", "y"], default="rgb", help="PSNR on RGB or on Y (BT.601)")
-    e.add_argument("--ssim-channel", choices=["rgb", "y"], default="y", help="SSIM on Y (FoundIR protocol) or RGB")
+    from .eval_cli import add_eval_parser
+
+    add_eval_parser(sub, fmt)
 
     m = sub.add_parser("demo", help="offline smoke test: tiny model, train -> restore -> drift-correct",
                        formatter_class=fmt)

@@ -21,11 +21,17 @@ Definitions
   then discards the 5-pixel rim, the same thing). ``channel="rgb"`` averages per-channel SSIM.
   Images need at least 11x11 pixels (after ``crop_border``).
 
+* **pyiqa's Y** (``channel="y_pyiqa"``, FoundIR's tool): the Y of YIQ, ``0.299 R + 0.587 G + 0.114 B``
+  (full range, *not* BT.601's 16..235), scaled to 0..255 and rounded to integers, computed in the
+  input's precision before the float64 statistics; SSIM then uses ``data_range = 255`` and clamps the
+  contrast-structure term at 0 (``relu``) as ``pyiqa/archs/ssim_arch.py`` does.
+
 Protocols
 ---------
-* ``"foundir"`` -- FoundIR's own tool (pyiqa): PSNR on RGB (MSE over all channels), SSIM on Y.
-  pyiqa's code may differ from these definitions in small details (e.g. a tiny epsilon in the PSNR
-  denominator); that has not been checked bit-for-bit here.
+* ``"foundir"`` -- FoundIR's own tool, pyiqa's default ``psnr`` and ``ssim`` metrics: PSNR on RGB
+  (MSE over all channels, ``+1e-8`` in the denominator as pyiqa) and SSIM on pyiqa's rounded YIQ
+  luma. ``tests/test_metrics_pyiqa.py`` checks both against pyiqa's own metric code to 1e-4 on real
+  photos. (On noisy photos the BT.601 SSIM differs from this by 0.04-0.08.)
 * ``"release"`` -- the authors' MATLAB-style script (``V-Bridge/eval.py``): PSNR and SSIM on Y, and
   an "RGB" variant with PSNR averaged over channels and SSIM averaged over channels. Note the
   release scores a frame read back from an H.264 mp4; we score the raw last frame.
@@ -58,8 +64,8 @@ _Y_WEIGHTS = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
 _Y_OFFSET = 16.0 / 255.0
 
 #: Which metric variants each evaluation protocol reports: name -> (function, channel).
-PROTOCOLS: dict[str, dict[str, tuple[str, str]]] = {
-    "foundir": {"psnr": ("psnr", "rgb"), "ssim": ("ssim", "y")},
+PROTOCOLS: dict[str, dict[str, tuple]] = {
+    "foundir": {"psnr": ("psnr", "rgb", {"eps": 1e-8}), "ssim": ("ssim", "y_pyiqa")},
     "release": {
         "psnr_y": ("psnr", "y"),
         "ssim_y": ("ssim", "y"),
@@ -80,6 +86,24 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
     return _Y_OFFSET + _Y_WEIGHTS[0] * r + _Y_WEIGHTS[1] * g + _Y_WEIGHTS[2] * b
 
 
+def rgb_to_y_pyiqa(x: torch.Tensor) -> torch.Tensor:
+    """pyiqa's luma: ``round(255 * (0.299 R + 0.587 G + 0.114 B))`` of ``[B, 3, H, W]`` 0..1 RGB.
+
+    Computed in the input's floating precision (float32 for uint8 input), as pyiqa computes it on
+    the tensors it loads, so the rounding matches; returns ``[B, 1, H, W]`` on the 0..255 scale.
+    """
+    if x.shape[-3] != 3:
+        raise InputError(f"the Y channel needs RGB input (3 channels), got {x.shape[-3]} channels.")
+    if not x.dtype.is_floating_point:
+        x = x.to(torch.float32)
+    r, g, b = x[..., 0:1, :, :], x[..., 1:2, :, :], x[..., 2:3, :, :]
+    return ((_YIQ_WEIGHTS[0] * r + _YIQ_WEIGHTS[1] * g + _YIQ_WEIGHTS[2] * b) * 255.0).round()
+
+
+_YIQ_WEIGHTS = (0.299, 0.587, 0.114)
+_PYIQA_RANGE = 255.0
+
+
 def _prepare(a: torch.Tensor, b: torch.Tensor, crop_border: int, channel: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Check shapes, batch, crop and select the channel; returns float64 [B, C, H, W] pairs."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
@@ -90,8 +114,11 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, crop_border: int, channel: str) -
     if a.ndim not in (3, 4):
         raise InputError(f"metrics expect [B, C, H, W] or [C, H, W], got shape {tuple(a.shape)}.")
     single = a.ndim == 3
-    a = (a.unsqueeze(0) if single else a).to(torch.float64)
-    b = (b.unsqueeze(0) if single else b).to(a.device, torch.float64)
+    a = a.unsqueeze(0) if single else a
+    b = (b.unsqueeze(0) if single else b).to(a.device)
+    if channel == "y_pyiqa":  # luma in the input precision first (pyiqa rounds it there)
+        a, b = rgb_to_y_pyiqa(a), rgb_to_y_pyiqa(b)
+    a, b = a.to(torch.float64), b.to(torch.float64)
     if crop_border < 0:
         raise InputError(f"crop_border must be >= 0, got {crop_border}.")
     if crop_border:
@@ -102,26 +129,29 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, crop_border: int, channel: str) -
         b = b[..., crop_border:-crop_border, crop_border:-crop_border]
     if channel == "y":
         a, b = rgb_to_y(a), rgb_to_y(b)
-    elif channel not in ("rgb", "rgb_mean"):
-        raise InputError(f"unknown metric channel {channel!r}; use 'rgb', 'rgb_mean' or 'y'.")
+    elif channel not in ("rgb", "rgb_mean", "y_pyiqa"):
+        raise InputError(f"unknown metric channel {channel!r}; use 'rgb', 'rgb_mean', 'y' or 'y_pyiqa'.")
     return a, b, single
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, channel: str = "rgb",
-         crop_border: int = 0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image (float64; ``inf`` for identical images).
+         crop_border: int = 0, eps: float = 0.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image (float64; ``inf`` for identical images when ``eps`` is 0).
 
     ``channel``: ``"rgb"`` (MSE over all channels), ``"rgb_mean"`` (mean of per-channel PSNRs, as
-    the release's ``eval.py``), or ``"y"`` (BT.601 luma). ``crop_border`` pixels are removed from
-    each side first (a super-resolution convention; 0 for restoration).
+    the release's ``eval.py``), ``"y"`` (BT.601 luma) or ``"y_pyiqa"`` (pyiqa's rounded luma, data
+    range 255). ``crop_border`` pixels are removed from each side first (a super-resolution
+    convention; 0 for restoration). ``eps`` is added to the MSE (pyiqa uses 1e-8).
     """
     a, b, single = _prepare(a, b, crop_border, channel)
+    if channel == "y_pyiqa":
+        a, b = a / _PYIQA_RANGE, b / _PYIQA_RANGE
     if channel == "rgb_mean":
         mse = (a - b).pow(2).mean(dim=(-2, -1))  # [B, C]
-        val = (10.0 * torch.log10(data_range ** 2 / mse)).mean(dim=1)
+        val = (10.0 * torch.log10(data_range ** 2 / (mse + eps))).mean(dim=1)
     else:
         mse = (a - b).pow(2).mean(dim=(-3, -2, -1))
-        val = 10.0 * torch.log10(data_range ** 2 / mse)
+        val = 10.0 * torch.log10(data_range ** 2 / (mse + eps))
     return val[0] if single else val
 
 
@@ -136,17 +166,25 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, channel: str
          crop_border: int = 0) -> torch.Tensor:
     """Structural similarity per image (float64), Wang et al. 2004 / MATLAB / basicsr definition.
 
-    ``channel``: ``"y"`` (BT.601 luma, the usual restoration protocol) or ``"rgb"`` (mean of the
-    per-channel SSIMs; ``"rgb_mean"`` is accepted as a synonym). Needs at least 11x11 pixels.
+    ``channel``: ``"y"`` (BT.601 luma, the usual restoration protocol), ``"rgb"`` (mean of the
+    per-channel SSIMs; ``"rgb_mean"`` is accepted as a synonym) or ``"y_pyiqa"`` (pyiqa's ``ssim``:
+    rounded YIQ luma, data range 255, contrast-structure term clamped at 0; ``data_range`` is then
+    ignored). Needs at least 11x11 pixels.
     """
     if channel == "rgb_mean":
         channel = "rgb"
     a, b, single = _prepare(a, b, crop_border, channel)
+    pyiqa_style = channel == "y_pyiqa"
+    if pyiqa_style:
+        data_range = _PYIQA_RANGE
     h, w = a.shape[-2:]
     if h < 11 or w < 11:
         raise InputError(f"SSIM needs images of at least 11x11 pixels (its window size), got {h}x{w}.")
     c = a.shape[1]
-    win = _gaussian_window(device=a.device).expand(c, 1, 11, 11).contiguous()
+    win = _gaussian_window(device=a.device)
+    if pyiqa_style:  # pyiqa builds the window in float32 (fspecial) and casts it to the images' float64
+        win = win.to(torch.float32).to(torch.float64)
+    win = win.expand(c, 1, 11, 11).contiguous()
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
 
@@ -158,7 +196,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, channel: str
     s_aa = filt(a * a) - mu_aa
     s_bb = filt(b * b) - mu_bb
     s_ab = filt(a * b) - mu_ab
-    ssim_map = ((2 * mu_ab + c1) * (2 * s_ab + c2)) / ((mu_aa + mu_bb + c1) * (s_aa + s_bb + c2))
+    cs_map = (2 * s_ab + c2) / (s_aa + s_bb + c2)
+    if pyiqa_style:
+        cs_map = cs_map.clamp_min(0.0)
+    ssim_map = (2 * mu_ab + c1) / (mu_aa + mu_bb + c1) * cs_map
     val = ssim_map.mean(dim=(-2, -1)).mean(dim=1)  # per channel, then over channels
     return val[0] if single else val
 
@@ -169,8 +210,10 @@ def image_metrics(restored: torch.Tensor, reference: torch.Tensor, protocol: str
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown metrics protocol {protocol!r}; use one of {sorted(PROTOCOLS)}.")
     fns = {"psnr": psnr, "ssim": ssim}
-    return {name: fns[fn](restored, reference, channel=ch, crop_border=crop_border)
-            for name, (fn, ch) in PROTOCOLS[protocol].items()}
+    out = {}
+    for name, (fn, ch, *extra) in PROTOCOLS[protocol].items():
+        out[name] = fns[fn](restored, reference, channel=ch, crop_border=crop_border, **(extra[0] if extra else {}))
+    return out
 
 
 def _flatten(values: Iterable) -> list[float]:

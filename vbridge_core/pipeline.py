@@ -74,6 +74,18 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
+#: What to do when no prompt embedding exists: a full fine-tune (the authors' release) carries no prompt.
+RELEASE_PROMPT_HELP = (
+    "No prompt embedding: the model has no V-Bridge LoRA carrying one (e.g. the authors' full fine-tuned "
+    "checkpoint). Supply the release's prompt pair, encoded once by umt5-xxl and then cached on disk "
+    "(~/.cache/vbridge/prompt_embeds): CLI: add --preset paper --text-encoder "
+    "models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (the pair in vbridge_core/presets.py is used); "
+    "Python: pos, neg = vbridge_core.presets.release_prompt_embeds(TEXT_ENCODER) and "
+    "restore(..., prompt_embeds=pos, negative_prompt_embeds=neg); ComfyUI: connect CLIPTextEncode (CLIPLoader "
+    "type wan, umt5_xxl) with the release prompt to 'conditioning' and its negative prompt to 'negative' "
+    "(workflows/restore_paper_release.json).")
+
+
 def _as_image_list(images: Any) -> list[torch.Tensor]:
     """Accept a [B,3,H,W] tensor, one [3,H,W] tensor, or a list of images/arrays; return [3,H,W] 0..1 tensors."""
     from .images import to_rgb_tensor
@@ -218,14 +230,19 @@ class VBridgePipeline:
             loaded = ", ".join(sorted(self.adapters))
             raise InputError(f"this step needs the {role.replace('_', '-')} LoRA, but only the {loaded} LoRA is "
                              "loaded: add it (--lora for restoring, --drift-lora for drift correction)")
+        if pos is None and lf is None:
+            raise InputError(RELEASE_PROMPT_HELP)
         if pos is None:
             raise InputError(
-                "no prompt embedding: load a V-Bridge LoRA (it carries the prompt it was trained with), "
-                "pass prompt_embeds, or give a prompt together with a text encoder (--text-encoder)")
+                "no prompt embedding: the LoRA carries none. Pass prompt_embeds, or give a prompt together with a "
+                "text encoder (--prompt with --text-encoder; in ComfyUI connect 'conditioning'). " + RELEASE_PROMPT_HELP)
         if need_negative and neg is None:
             raise InputError("guidance > 1 needs a negative prompt: use a LoRA that embeds one, pass "
                              "negative_prompt_embeds, or give --negative-prompt with a text encoder")
-        return pos, neg
+        from .runtime import pad_prompt_embeds
+
+        # as the official model sees them, whatever their source (API, LoRA file, conditioning, encoder)
+        return pad_prompt_embeds(pos), (pad_prompt_embeds(neg) if neg is not None else None)
 
     def _encode(self, text: str) -> torch.Tensor:
         if not self.text_encoder:
@@ -304,15 +321,20 @@ class VBridgePipeline:
             guidance_skip_tail: float = 0.0, prompt: str | None = None, negative_prompt: str | None = None,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             return_trajectory: bool = False, batch_size: int = 1, callback: StepCallback | None = None,
-            should_cancel: Callable[[], bool] | None = None, same_seed: bool = False) -> RestoreResult:
+            should_cancel: Callable[[], bool] | None = None, same_seed: bool = False,
+            release_size: bool = False) -> RestoreResult:
         """Sample the pseudo-video for each image and return its last frame.
 
         Images may have any sizes; they are reflect-padded to multiples of 32 and cropped back.
+        ``release_size=True`` (the ``paper`` preset) first applies the release's size rule
+        (:func:`images.fit_release_size`): an image larger than 1440x2560 is resized (bicubic,
+        antialiased) to an area of at most 2560x1440 with sides floored to multiples of 32, and its
+        result has that size; ``info["release_size"]`` lists what was resized.
         Image ``i`` of the call uses seed ``seed + i``, so a result does not depend on how the
         inputs are batched; ``same_seed=True`` gives every image ``seed`` (video frames: the same
         noise for every frame removes much of the frame-to-frame flicker). ``batch_size`` images of one padded size share each DiT call.
         """
-        from .images import crop_back, pad_to_multiple
+        from .images import crop_back, fit_release_size, pad_to_multiple, resize_image
 
         trajectory.check_frames(frames)
         settings = SamplerSettings(steps=steps, shift=shift, solver=solver, sigma_grid=sigma_grid,
@@ -320,6 +342,16 @@ class VBridgePipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         imgs = _as_image_list(images)
+        resized: list[dict[str, Any]] = []
+        if release_size:
+            for i, img in enumerate(imgs):
+                h, w = int(img.shape[-2]), int(img.shape[-1])
+                th, tw = fit_release_size(h, w)
+                if (th, tw) != (h, w):
+                    imgs[i] = resize_image(img, (th, tw))
+                    resized.append({"image": i, "from": [h, w], "to": [th, tw]})
+                    logger.info("image %d: %dx%d resized to %dx%d (release size rule: area <= 2560x1440)",
+                                i, w, h, tw, th)
         pos, neg = self._prompt_pair(role, prompt_embeds, negative_prompt_embeds, prompt, negative_prompt,
                                      need_negative=settings.guided_steps() > 0)
         self._activate(role if role in self.adapters else None)
@@ -375,6 +407,9 @@ class VBridgePipeline:
                     compiled=self.compiled,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                     adapters={r: a["strength"] for r, a in self.adapters.items()})
+        if release_size:
+            info["release_size"] = {"rule": "area <= 2560x1440, sides floored to multiples of 32, when H > 1440 "
+                                            "or W > 2560", "resized": resized}
         skipped = {r: a["skipped"][:10] for r, a in self.adapters.items() if a.get("skipped")}
         if skipped:  # allow_partial: say what of the LoRA was not applied, next to the result
             info["lora_not_applied"] = skipped

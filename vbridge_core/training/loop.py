@@ -200,7 +200,9 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
         transformer.enable_gradient_checkpointing()
     opt = make_optimizer(params, config)
     gen = torch.Generator().manual_seed(config.seed)
-    prompt = prompt_embeds.to(pipe.device)
+    from ..runtime import pad_prompt_embeds
+
+    prompt = pad_prompt_embeds(prompt_embeds).to(pipe.device)  # trained as the official model sees prompts
 
     try:  # a failure before the loop (e.g. a refused resume) must still remove the adapter
         losses: list[float] = []
