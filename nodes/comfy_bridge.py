@@ -110,6 +110,13 @@ def show_text(node_id: Optional[str], text: str) -> None:
         logger.debug("send_progress_text failed: %s", e)
 
 
+def comfy_base_dir() -> Optional[Path]:
+    """ComfyUI's own folder (``folder_paths.base_path``) inside ComfyUI, else None."""
+    fp = _try_import("folder_paths")
+    base = getattr(fp, "base_path", None) if fp is not None else None
+    return Path(base) if base else None
+
+
 def models_root() -> Path:
     """Root of the model folders outside ComfyUI (``$VBRIDGE_MODELS_DIR`` or ``./models``)."""
     return Path(os.environ.get("VBRIDGE_MODELS_DIR", "models"))

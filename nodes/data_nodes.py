@@ -2,11 +2,42 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "V-Bridge/data"
+#: This pack's folder (custom_nodes/<pack>/): relative sample paths in the shipped workflows resolve here.
+PACK_DIR = Path(__file__).resolve().parents[1]
+
+
+def resolve_pairs_folder(folder: str) -> str:
+    """An existing folder for a (possibly relative) pairs path, independent of the folder ComfyUI started in.
+
+    Absolute paths are kept. A relative path is tried against the current folder, ComfyUI's own folder,
+    and this pack: ``custom_nodes/<any pack folder name>/rest`` and plain ``rest`` both resolve to
+    ``<pack>/rest``, so the shipped workflows find the sample pairs wherever ComfyUI was started from
+    and whatever the pack's folder is called. The first existing candidate wins; if none exists the
+    path is returned unchanged (the scan then says it is missing).
+    """
+    from . import comfy_bridge
+
+    p = Path(folder).expanduser()
+    if not folder or p.is_absolute():
+        return folder
+    candidates = [Path.cwd() / p]
+    base = comfy_bridge.comfy_base_dir()
+    if base is not None:
+        candidates.append(base / p)
+    parts = p.parts
+    if len(parts) > 2 and parts[0] == "custom_nodes":
+        candidates.append(PACK_DIR.joinpath(*parts[2:]))
+    candidates.append(PACK_DIR / p)
+    for c in candidates:
+        if c.is_dir():
+            return str(c)
+    return folder
 
 
 class LoadImagePairs:
@@ -35,7 +66,8 @@ class LoadImagePairs:
             "required": {
                 "folder": ("STRING", {"default": "", "tooltip": (
                     "Path of a folder with lq/ and hq/ subfolders (matching file stems), optionally one level of "
-                    "task subfolders each holding lq/ and hq/.")}),
+                    "task subfolders each holding lq/ and hq/. Relative paths are looked up from ComfyUI's folder "
+                    "and from this pack (custom_nodes/ComfyUI-VBridge/...), wherever ComfyUI was started.")}),
             }
         }
 
@@ -44,14 +76,14 @@ class LoadImagePairs:
         """Re-scan when files are added, removed or replaced in the folder."""
         from vbridge_core.pairs import folder_fingerprint
 
-        return folder_fingerprint(folder)
+        return folder_fingerprint(resolve_pairs_folder(folder))
 
     def load(self, folder: str) -> tuple[Any, Any, str]:
         """Scan ``folder`` and return ``(pairs, preview, summary)``."""
         from vbridge_core.images import bchw_to_comfy
         from vbridge_core.pairs import preview_pairs, scan_pairs
 
-        pairs = scan_pairs(folder)
+        pairs = scan_pairs(resolve_pairs_folder(folder))
         return pairs, bchw_to_comfy(preview_pairs(pairs)), pairs.summary()
 
 

@@ -55,6 +55,30 @@ def cache_size() -> int:
     return sum(1 for r in _CACHE.values() if r() is not None)
 
 
+_ROLE_CACHE: dict[str, tuple[Any, str | None]] = {}
+
+
+def _lora_role(name: str) -> str | None:
+    """The V-Bridge role written in a listed LoRA's header (cached per file signature), or None."""
+    from vbridge_core.lora import read_lora_role
+    from vbridge_core.runtime import file_signature
+
+    path = comfy_bridge.full_path("loras", name)
+    sig = file_signature(path)
+    hit = _ROLE_CACHE.get(name)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    role = read_lora_role(path) if sig is not None else None
+    _ROLE_CACHE[name] = (sig, role)
+    return role
+
+
+def _ordered(names: list[str], roles: dict[str, str | None], first: str) -> list[str]:
+    """``none``, then the LoRAs of role ``first``, then those of the other V-Bridge role, then the rest."""
+    rank = {first: 0, "restoration": 1, "drift_correction": 1}
+    return [NONE] + sorted(names, key=lambda n: (rank.get(roles.get(n) or "", 2), n))
+
+
 class LoadVBridge:
     """Load the V-Bridge model: Wan2.2-TI2V-5B DiT + Wan2.2 VAE + restoration / drift-correction LoRAs."""
 
@@ -75,7 +99,8 @@ class LoadVBridge:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         """Model files from ComfyUI's folders plus precision, attention and memory options."""
         _ensure_lora_folder()
-        loras = [NONE] + comfy_bridge.filename_list("loras")
+        names = [n for n in comfy_bridge.filename_list("loras") if ".checkpoints/" not in n]
+        roles = {n: _lora_role(n) for n in names}
         strength = dict(default=1.0, min=-2.0, max=2.0, step=0.05)
         return {
             "required": {
@@ -84,12 +109,14 @@ class LoadVBridge:
                     "fp16/bf16/fp8 files and full V-Bridge fine-tunes work).")),
                 "vae": _combo(comfy_bridge.filename_list("vae"), DEFAULT_VAE, tooltip=(
                     f"The Wan2.2 VAE from models/vae (default {DEFAULT_VAE}). The Wan2.1 VAE does not fit the 5B model.")),
-                "restoration_lora": (loras, {"default": NONE, "tooltip": (
-                    "V-Bridge restoration LoRA (models/loras/vbridge/...), trained for one degradation. "
-                    "'none' runs the bare base model.")}),
+                "restoration_lora": (_ordered(names, roles, "restoration"), {"default": NONE, "tooltip": (
+                    "V-Bridge restoration LoRA (models/loras/vbridge/...), trained for one degradation; "
+                    "restoration LoRAs are listed first, then drift-correction ones, then other LoRAs. "
+                    "'none' runs the bare base model (or a full fine-tune picked as dit).")}),
                 "restoration_strength": ("FLOAT", dict(strength, tooltip="Strength of the restoration LoRA (1.0 = as trained).")),
-                "drift_lora": (loras, {"default": NONE, "tooltip": (
-                    "Optional drift-correction LoRA, needed by 'V-Bridge Drift Correct' to refine restored images.")}),
+                "drift_lora": (_ordered(names, roles, "drift_correction"), {"default": NONE, "tooltip": (
+                    "Optional drift-correction LoRA, needed by 'V-Bridge Drift Correct' to refine restored images; "
+                    "drift-correction LoRAs are listed first.")}),
                 "drift_strength": ("FLOAT", dict(strength, tooltip="Strength of the drift-correction LoRA (1.0 = as trained).")),
                 "precision": (PRECISIONS, {"default": "bf16", "tooltip": (
                     "Weight precision on the GPU. bf16: best quality (~10 GB for the DiT). fp16: for GPUs without "

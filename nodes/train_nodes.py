@@ -103,7 +103,8 @@ class TrainLoRASettings:
                     "Sampling steps of each validation restore.")}),
                 "checkpoint_every": ("INT", {"default": d["checkpoint_every"], "min": 0, "max": 100000, "tooltip": (
                     "Write a resumable checkpoint (and a loadable LoRA of that step) every N steps into "
-                    "models/loras/vbridge/<name>.checkpoints/ (0: only on Cancel).")}),
+                    "models/vbridge_checkpoints/vbridge/<name>.checkpoints/ (outside models/loras, so LoRA lists show "
+                    "finished LoRAs only; 0: only on Cancel).")}),
                 "restore_steps": ("INT", {"default": d["restore_steps"], "min": 1, "max": 200, "tooltip": (
                     "Drift-correction mode only: sampling steps of the restoration pass that makes the "
                     "drift-correction inputs (cached, so a resumed run does not restore again).")}),

@@ -23,6 +23,12 @@ the pack's sample folder, the curriculum is lowered to ``64:3`` and the settings
 2-step validation/restore passes and a checkpoint every 2 steps. The test then checks the LoRA file
 in ``models/loras/vbridge/`` and that LoadVBridge and core LoraLoader list it.
 
+The release workflow (``restore_paper_release``, preset ``paper``: the full 93-call recipe, whatever
+``VBRIDGE_IT_STEPS`` says) runs adapted the same way: its CLIPLoader/CLIPTextEncode nodes are removed and
+LoadVBridge gets the tiny restoration LoRA, which embeds a prompt and a negative prompt; its DiT is the tiny
+model saved as a sharded diffusers folder ``models/diffusion_models/V-Bridge/``, picked by its first shard.
+Bypassed (and muted) nodes are left out as the frontend does.
+
 The video workflow loads ``input/degraded_clip.mp4``, a 6-frame 48x48 H.264 clip written at start-up
 with ComfyUI's own PyAV (the degraded sample panning, with noise re-drawn per frame); video savers
 (``SaveVideo`` ...) must have written their file.
@@ -111,15 +117,36 @@ def _ui_extras(name: str, spec: list) -> int:
     return extra
 
 
+MUTED, BYPASSED = 2, 4
+
+
+def _source(link: list, links: dict[int, list], nodes: dict[int, dict]) -> tuple[int, int] | None:
+    """``(node id, output slot)`` feeding a link, through bypassed nodes as the frontend does (a bypassed
+    node passes on its first input of the output's type; without one the input stays unconnected)."""
+    _, src, slot, _, _, typ = link[:6]
+    n = nodes[src]
+    if n.get("mode", 0) == MUTED:
+        return None
+    if n.get("mode", 0) == BYPASSED:
+        for inp in n.get("inputs") or []:
+            if inp.get("type") == typ and inp.get("link") is not None:
+                return _source(links[inp["link"]], links, nodes)
+        return None
+    return src, slot
+
+
 def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
-    """Convert a UI-format (0.4) workflow into an API prompt using the server's node definitions."""
+    """Convert a UI-format (0.4) workflow into an API prompt using the server's node definitions.
+
+    Muted and bypassed nodes are left out (never sent, as in the frontend); links through a bypassed
+    node are rewired to its same-typed input."""
     links = {l[0]: l for l in workflow["links"]}
     nodes = {n["id"]: n for n in workflow["nodes"]}
     prompt: dict[str, Any] = {}
     for n in workflow["nodes"]:
-        if n["type"] in VIRTUAL_NODES:
+        if n["type"] in VIRTUAL_NODES or n.get("mode", 0) in (MUTED, BYPASSED):
             continue
-        assert n.get("mode", 0) == 0, f"node {n['id']} is muted/bypassed; the converter does not rewire those"
+        assert n.get("mode", 0) == 0, f"node {n['id']} has mode {n.get('mode')}; the converter knows 0, 2 and 4"
         info = object_info.get(n["type"])
         assert info is not None, f"the server has no node {n['type']!r}"
         order = info.get("input_order") or {sec: list(info["input"].get(sec, {})) for sec in ("required", "optional")}
@@ -137,7 +164,10 @@ def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str
         for inp in n.get("inputs") or []:
             if inp.get("link") is None:
                 continue
-            _, src, src_slot, _, _, _ = links[inp["link"]][:6]
+            found = _source(links[inp["link"]], links, nodes)
+            if found is None:
+                continue
+            src, src_slot = found
             assert nodes[src]["type"] not in VIRTUAL_NODES, "links from virtual nodes are not supported"
             inputs[inp["name"]] = [str(src), src_slot]
         prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs,
@@ -164,6 +194,8 @@ def _write_models(models: Path) -> None:
     # diffusers keys in one file, named like the real DiT: our loader identifies it by its tensors
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
               str(models / "diffusion_models" / "wan2.2_ti2v_5B_fp16.safetensors"))
+    # a full fine-tune as released: a diffusers transformer folder in shards (picked by one of its files)
+    dit.save_pretrained(models / "diffusion_models" / "V-Bridge", max_shard_size="3MB", safe_serialization=True)
     vae_sd = {k: v.contiguous() for k, v in build_tiny_vae(1).state_dict().items()}
     # the original Wan2.2 VAE key layout, as in Comfy-Org's repackaged wan2.2_vae.safetensors
     save_file({k: v.contiguous() for k, v in convert_vae22_from_diffusers(vae_sd).items()},
@@ -177,7 +209,8 @@ def _write_models(models: Path) -> None:
                 layers[mod_name] = LoraLayer(down=torch.randn(4, mod.in_features, generator=g) * 0.02,
                                              up=torch.randn(mod.out_features, 4, generator=g) * 0.02, alpha=4.0)
         write_lora(models / "loras" / "vbridge" / f"{name}.safetensors", layers, rank=4, alpha=4.0,
-                   metadata={"role": role, "frames": 5, "base_model": "vbridge-tiny"}, prompt_embeds=prompt)
+                   metadata={"role": role, "frames": 5, "base_model": "vbridge-tiny"}, prompt_embeds=prompt,
+                   negative_prompt_embeds=tiny_prompt_embeds(3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +290,7 @@ def server(tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=comfy, stdout=out, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc, log, base)
+    srv.models = models
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
@@ -344,6 +378,23 @@ def _adapt_training(prompt: dict[str, Any]) -> list[str]:
     return names
 
 
+def _adapt_release(prompt: dict[str, Any], models_dir: Path) -> None:
+    """The release workflow on the tiny models: CLIPLoader cannot load a tiny umt5, so the text-encoder nodes
+    go (as for training) and the tiny restoration LoRA supplies the prompt pair (it embeds both); the DiT is
+    the tiny model saved as a sharded diffusers folder, picked by its first shard as users pick the release."""
+    dropped = {nid for nid, n in prompt.items() if n["class_type"] in TEXT_ENCODER_NODES}
+    for nid in dropped:
+        del prompt[nid]
+    shard = sorted((models_dir / "diffusion_models" / "V-Bridge").glob("*-00001-of-*.safetensors"))[0]
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for k in [k for k, v in inputs.items() if isinstance(v, list) and len(v) == 2 and v[0] in dropped]:
+            del inputs[k]
+        if node["class_type"] == "LoadVBridge":
+            inputs["dit"] = f"V-Bridge/{shard.name}"
+            inputs["restoration_lora"] = "vbridge/denoise.safetensors"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_runs_in_comfyui(server, object_info, path):
     wf = json.loads(path.read_text(encoding="utf-8"))
@@ -352,6 +403,8 @@ def test_workflow_runs_in_comfyui(server, object_info, path):
         if node["class_type"] in OUR_NODES and "steps" in node["inputs"]:
             node["inputs"]["steps"] = min(node["inputs"]["steps"], STEPS)
     trained = _adapt_training(prompt) if any(n["class_type"] == "TrainLoRA" for n in prompt.values()) else []
+    if path.stem == "restore_paper_release":
+        _adapt_release(prompt, server.models)
     entry = _run(server, prompt)
     status = entry["status"]
     assert status.get("status_str") == "success" and status.get("completed"), \
@@ -382,8 +435,12 @@ def test_workflow_runs_in_comfyui(server, object_info, path):
         texts = [t for nid, n in prompt.items() if n["class_type"] == "PreviewAny"
                  for t in outputs.get(nid, {}).get("text", [])]
         assert any(str(lora) in t for t in texts), texts
-        assert not list((lora.parent / f"{name}.checkpoints").glob("state-step*.pt")), "finished runs keep no state"
+        from vbridge_core.training.checkpoint import checkpoint_dir
+
+        assert not list(checkpoint_dir(lora).glob("state-step*.pt")), "finished runs keep no state"
         listed = server.get("/object_info/LoadVBridge")["LoadVBridge"]["input"]["required"]["restoration_lora"][0]
         assert f"vbridge/{name}.safetensors" in listed, "LoadVBridge must list the new LoRA after a refresh"
         core = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
         assert f"vbridge/{name}.safetensors" in core, "ComfyUI's LoraLoader must list the new LoRA"
+        for lst in (listed, core):  # intermediate checkpoint LoRAs are not offered as LoRAs
+            assert not [n for n in lst if ".checkpoints/" in n], lst

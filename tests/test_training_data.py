@@ -42,10 +42,11 @@ def _set(tasks: dict[str, int]) -> TrainingPairs:
 
 
 def test_split_validation_is_stratified_and_seeded():
-    pairs = _set({"noise": 50, "blur": 20, "rare": 3})
+    pairs = _set({"noise": 50, "blur": 20, "rare": 3, "pair": 2})
     train, val = split_validation(pairs, 0.1, seed=1)
-    assert len(val) == 5 + 2 and len(train) == 73 - 7
-    assert {e.task for e in val.entries} == {"noise", "blur"}
+    # 10% rounded down, but at least one of a task of >= 3 pairs (the 3 shipped samples get a validation pair)
+    assert len(val) == 5 + 2 + 1 and len(train) == 75 - 8
+    assert {e.task for e in val.entries} == {"noise", "blur", "rare"}
     assert not set(train.names) & set(val.names)
     assert split_validation(pairs, 0.1, seed=1)[1].names == val.names
     assert split_validation(pairs, 0.1, seed=2)[1].names != val.names

@@ -7,7 +7,8 @@ values are allowed ones (file-name combos excepted: the files are the user's), l
 the output and input types on both ends, required inputs are connected, and every workflow has its
 thumbnail. Our node definitions come from ``nodes.NODE_CLASS_MAPPINGS``; the core ones are
 restated below from ComfyUI's source (``nodes.py``, ``comfy_extras/nodes_preview_any.py``,
-``comfy_extras/nodes_video.py`` and the frontend's virtual note nodes, ComfyUI v0.3.64).
+``comfy_extras/nodes_video.py``, ``comfy_extras/nodes_images.py`` and the frontend's virtual note nodes,
+ComfyUI v0.3.64). Every graph also fits a 1600x1000 canvas at its saved zoom (``extra.ds``).
 """
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ CORE_NODES: dict[str, dict[str, Any]] = {
     # comfy_extras/nodes_video.py SaveVideo: video VIDEO, filename_prefix STRING, format/codec combos; output node
     "SaveVideo": {"sockets": [("video", "VIDEO", True)], "widgets": [
         ("filename_prefix", "STRING"), ("format", (["auto", "mp4"],)), ("codec", (["auto", "h264"],))], "outputs": []},
+    # comfy_extras/nodes_images.py ImageStitch: image1 IMAGE, direction, match_image_size, spacing_width,
+    # spacing_color, optional image2 IMAGE -> IMAGE
+    "ImageStitch": {"sockets": [("image1", "IMAGE", True), ("image2", "IMAGE", False)], "widgets": [
+        ("direction", (["right", "down", "left", "up"],)), ("match_image_size", ("BOOLEAN",)),
+        ("spacing_width", ("INT", {"default": 0, "min": 0, "max": 1024, "step": 2})),
+        ("spacing_color", (["white", "black", "red", "green", "blue"],))], "outputs": [("IMAGE", "IMAGE")]},
     # frontend virtual nodes (never sent to the server): one text widget
     "Note": {"sockets": [], "widgets": [("text", "STRING")], "outputs": [], "virtual": True},
     "MarkdownNote": {"sockets": [], "widgets": [("text", "STRING")], "outputs": [], "virtual": True},
@@ -177,7 +184,37 @@ def workflow(request) -> tuple[str, dict[str, Any]]:
 def test_there_are_example_workflows():
     assert {p.stem for p in WORKFLOWS} >= {"restore_image", "restore_drift_correct", "restore_and_compare",
                                            "train_restoration_lora", "train_drift_correction_lora",
-                                           "restore_video_stabilized"}
+                                           "restore_video_stabilized", "restore_paper_release"}
+
+
+#: The canvas every workflow must fit at its saved zoom (a laptop-sized ComfyUI window), and the
+#: height of a node's title bar, drawn above ``pos``.
+CANVAS = (1600, 1000)
+TITLE_H = 30
+
+
+def test_fits_the_canvas_at_its_saved_zoom(workflow):
+    """screen = (pos + offset) * scale (LiteGraph's DragAndScale): every node, title bar included, lies
+    inside a 1600x1000 canvas, so no output (or its preview) is cut off when the workflow opens."""
+    name, wf = workflow
+    ds = wf["extra"]["ds"]
+    s, (ox, oy) = ds["scale"], ds["offset"]
+    assert 0.5 <= s <= 1.0, f"{name}: zoom {s} (keep text readable)"
+    for n in wf["nodes"]:
+        x0, y0 = (n["pos"][0] + ox) * s, (n["pos"][1] - TITLE_H + oy) * s
+        x1, y1 = (n["pos"][0] + n["size"][0] + ox) * s, (n["pos"][1] + n["size"][1] + oy) * s
+        assert x0 >= 0 and y0 >= 0 and x1 <= CANVAS[0] and y1 <= CANVAS[1], \
+            f"{name}: node {n['id']} ({n['type']}) spans x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f} on a {CANVAS} canvas"
+
+
+def test_no_node_overlaps_another(workflow):
+    """Boxes (title bar included) do not overlap, so a node that grows (a loaded video) has room below it."""
+    name, wf = workflow
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_H, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in wf["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2], f"{name}: nodes {a[0]} and {b[0]} overlap"
 
 
 def test_top_level_structure(workflow):
@@ -304,8 +341,16 @@ def test_model_loader_lists_its_files(workflow):
     for n in loaders:
         models = {m["name"]: m for m in n["properties"].get("models", [])}
         dit, vae = n["widgets_values"][0], n["widgets_values"][1]
-        assert dit in models and vae in models, f"{name}: properties.models must list {dit} and {vae}"
-        assert models[dit]["directory"] == "diffusion_models" and models[vae]["directory"] == "vae"
+        if "/" in dit:
+            # a released full fine-tune: a folder of shards from a hub repo (any one file loads the folder),
+            # whose file names are the repo's; the workflow's note must say where to get the folder
+            notes = " ".join(m["widgets_values"][0] for m in wf["nodes"] if m["type"] in ("MarkdownNote", "Note"))
+            assert f"models/diffusion_models/{dit.split('/')[0]}/" in notes and "huggingface.co/" in notes, \
+                f"{name}: the note must say where {dit.split('/')[0]}/ comes from"
+        else:
+            assert dit in models and models[dit]["directory"] == "diffusion_models", \
+                f"{name}: properties.models must list {dit}"
+        assert vae in models and models[vae]["directory"] == "vae", f"{name}: properties.models must list {vae}"
         for m in models.values():
             assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"]), m
 

@@ -173,7 +173,8 @@ def training_prompt(pipe: Any, role: str, prompt_embeds: Optional["torch.Tensor"
         logger.info("training prompt: the one embedded in the restoration LoRA %s", lf.path or "")
     else:
         hint = ("connect 'conditioning' from CLIPTextEncode fed by CLIPLoader (type 'wan', "
-                "umt5_xxl_fp8_e4m3fn_scaled.safetensors) with the training prompt, e.g. the V-Bridge release prompt")
+                "umt5_xxl_fp8_e4m3fn_scaled.safetensors) with the training prompt, e.g. the V-Bridge release prompt "
+                "(in the shipped train_restoration_lora workflow they are bypassed: select both and press Ctrl+B)")
         if role == "drift_correction":
             raise InputError(f"no training prompt: the restoration LoRA carries no prompt embedding; {hint}")
         raise InputError(f"no training prompt: {hint}; or load a V-Bridge restoration LoRA that embeds its prompt "

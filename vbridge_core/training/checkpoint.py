@@ -7,8 +7,12 @@ in fp32 the final LoRA equals that of an uninterrupted run. Each checkpoint also
 LoRA file beside it (``lora-step000100.safetensors``), so an intermediate result can be tried
 without waiting for the end.
 
-Files go to ``<out stem>.checkpoints/`` next to the output LoRA; only the newest
-``keep`` checkpoints are kept. A run killed mid-write leaves at most a hidden ``.tmp`` file, never
+Files go to ``<out stem>.checkpoints/`` next to the output LoRA, except when the LoRA is written
+inside a ``loras`` model folder (ComfyUI's ``models/loras/...``): every file below it shows up in
+ComfyUI's LoRA lists (LoraLoader and ours), so intermediate LoRAs would be offered as finished
+ones. Those runs keep their checkpoints in the sibling ``vbridge_checkpoints`` folder instead
+(``models/loras/vbridge/x.safetensors`` -> ``models/vbridge_checkpoints/vbridge/x.checkpoints/``),
+which ComfyUI does not list. Only the newest ``keep`` checkpoints are kept. A run killed mid-write leaves at most a hidden ``.tmp`` file, never
 a truncated checkpoint.
 """
 from __future__ import annotations
@@ -29,10 +33,20 @@ STATE_RE = re.compile(r"^state-step(\d+)\.pt$")
 FORMAT = "vbridge-train-state-1"
 
 
+#: Folder that replaces ``loras`` in the checkpoint path of LoRAs written into a ``loras`` model folder.
+CHECKPOINTS_FOLDER = "vbridge_checkpoints"
+
+
 def checkpoint_dir(out_path: str | Path) -> Path:
-    """The folder holding the checkpoints of the run that writes ``out_path``."""
+    """The folder holding the checkpoints of the run that writes ``out_path`` (see the module docstring)."""
     p = Path(out_path)
-    return p.with_name(p.stem + ".checkpoints")
+    folder = p.with_name(p.stem + ".checkpoints")
+    parts = list(folder.parts)
+    for i in range(len(parts) - 2, -1, -1):  # the nearest enclosing "loras" folder
+        if parts[i] == "loras":
+            parts[i] = CHECKPOINTS_FOLDER
+            return Path(*parts)
+    return folder
 
 
 def state_path(folder: Path, step: int) -> Path:

@@ -133,14 +133,17 @@ class TrainingPairs:
 def split_validation(pairs: TrainingPairs, fraction: float, seed: int) -> tuple[TrainingPairs, TrainingPairs]:
     """Hold out ``floor(fraction * n)`` pairs of every task (n = that task's pair count) for validation.
 
-    Stratified so every task is validated; deterministic in ``seed``. A task with too few pairs
-    gives none (and the training set is never emptied).
+    Stratified so every task is validated; deterministic in ``seed``. With ``fraction > 0`` a task
+    of at least 3 pairs always gives at least one (3 shipped sample pairs at 10% would otherwise
+    leave no validation at all); a task of 1-2 pairs gives none, and the training set is never emptied.
     """
     g = torch.Generator().manual_seed(int(seed) + 7919)
     val: list[int] = []
     for task in pairs.tasks:
         idx = [i for i, e in enumerate(pairs.entries) if e.task == task]
         k = int(math.floor(fraction * len(idx) + 1e-9))
+        if fraction > 0 and k == 0 and len(idx) >= 3:
+            k = 1
         k = min(k, len(idx) - 1)
         if k > 0:
             perm = torch.randperm(len(idx), generator=g).tolist()
