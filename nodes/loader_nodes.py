@@ -75,7 +75,8 @@ def _lora_role(name: str) -> str | None:
 
 def _ordered(names: list[str], roles: dict[str, str | None], first: str) -> list[str]:
     """``none``, then the LoRAs of role ``first``, then those of the other V-Bridge role, then the rest."""
-    rank = {first: 0, "restoration": 1, "drift_correction": 1}
+    rank = {"restoration": 1, "drift_correction": 1}
+    rank[first] = 0
     return [NONE] + sorted(names, key=lambda n: (rank.get(roles.get(n) or "", 2), n))
 
 
