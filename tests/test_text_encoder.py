@@ -291,3 +291,16 @@ def test_wrong_files_are_refused(assets, tmp_path):
 
 def test_clean_prompt_matches_diffusers_rules():
     assert te.clean_prompt("  a&amp;amp;b \n\t c  ") == "a&b c"
+
+
+def test_release_prompt_pair_encodes_once_and_caches(assets, tmp_path, count_loads):
+    from vbridge_core.presets import PAPER_NEGATIVE_PROMPT, PAPER_PROMPT, release_prompt_embeds
+
+    pos, neg = release_prompt_embeds(assets["root"], cache_dir=tmp_path, dtype=torch.float32)
+    assert len(count_loads) == 1 and pos.shape[1] == neg.shape[1] == 512
+    assert torch.equal(pos, te.encode_prompt(PAPER_PROMPT, assets["root"], cache_dir=tmp_path, dtype=torch.float32))
+    assert torch.equal(neg, te.encode_prompt(PAPER_NEGATIVE_PROMPT, assets["root"], cache_dir=tmp_path,
+                                             dtype=torch.float32))
+    te.clear_memo()  # from the disk cache now
+    release_prompt_embeds(assets["root"], cache_dir=tmp_path, dtype=torch.float32)
+    assert len(count_loads) == 1  # the second call is served from the cache
