@@ -382,7 +382,7 @@ def test_workflow_runs_in_comfyui(server, object_info, path):
         texts = [t for nid, n in prompt.items() if n["class_type"] == "PreviewAny"
                  for t in outputs.get(nid, {}).get("text", [])]
         assert any(str(lora) in t for t in texts), texts
-        assert not list((lora.parent / f"{name}.checkpoints").glob("state-step*.pt")), "finished runs keep no state"
+        assert not list((lora.parent / f"{name}.checkpoints").glob("state-step*.safetensors")), "finished runs keep no state"
         listed = server.get("/object_info/LoadVBridge")["LoadVBridge"]["input"]["required"]["restoration_lora"][0]
         assert f"vbridge/{name}.safetensors" in listed, "LoadVBridge must list the new LoRA after a refresh"
         core = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
