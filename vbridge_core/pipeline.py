@@ -13,17 +13,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from . import trajectory
 from .errors import InputError
-from .sampler import SamplerSettings, StepCallback, sample
+from .sampler import SampleStats, SamplerSettings, StepCallback, sample
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("restoration", "drift_correction")
+ROLES = ("restoration", "drift_correction", "accelerator")
+#: Adapters that are switched per pass; the ``accelerator`` (a step-distilled base as a LoRA) stays on under them.
+PASS_ROLES = ("restoration", "drift_correction")
 
 @dataclass
 class RestoreResult:
@@ -125,11 +127,14 @@ class VBridgePipeline:
                    drift_lora: str | Path | None = None, drift_strength: float = 1.0,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    text_encoder: str | Path | None = None, tokenizer: str | Path | None = None,
-                   vae_tiling: bool = False, offload: bool = False) -> "VBridgePipeline":
+                   vae_tiling: bool = False, offload: bool = False, accelerator_lora: str | Path | None = None,
+                   accelerator_strength: float = 1.0) -> "VBridgePipeline":
         """Load the DiT and VAE (single files or a diffusers folder) and the optional LoRAs.
 
         ``offload=True`` keeps both models in CPU memory and moves each to ``device`` only while it
         works (the VAE for encode/decode, the DiT for sampling): peak VRAM is one model, not two.
+        ``accelerator_lora`` is a step-distilled base as a LoRA (FastWan's ComfyUI LoRA), stacked under
+        the V-Bridge LoRAs and active in every pass; a step-distilled full checkpoint loads as ``dit``.
         """
         from .models import load_transformer, load_vae, resolve_model_files
 
@@ -143,6 +148,8 @@ class VBridgePipeline:
         logger.info("loaded DiT %s and VAE %s in %.1f s", dit_path, vae_path, time.perf_counter() - t0)
         pipe = cls(transformer, vae_model, device=dev, dtype=dt, text_encoder=text_encoder, tokenizer=tokenizer,
                    vae_tiling=vae_tiling, offload=offload)
+        if accelerator_lora:
+            pipe.load_lora(accelerator_lora, role="accelerator", strength=accelerator_strength)
         if lora:
             pipe.load_lora(lora, role="restoration", strength=lora_strength)
         if drift_lora:
@@ -173,16 +180,23 @@ class VBridgePipeline:
         self._activate(None)
         return role
 
+    def adapter_file(self, role: str) -> Any:
+        """The :class:`lora.LoraFile` loaded for ``role`` (``None`` when none is): its metadata may name a
+        turbo schedule (``presets.preset("turbo", lora=...)``)."""
+        return self.adapters.get(role, {}).get("file")
+
     def _activate(self, role: str | None) -> None:
-        """Make ``role``'s adapter the only active one (``None``: base model only)."""
+        """Make ``role``'s adapter the only active pass adapter (``None``: none); an accelerator LoRA
+        stays active under it."""
         if not self.adapters:
             return
         from .lora import set_active_loras
 
         active = {}
-        if role is not None and role in self.adapters:
-            a = self.adapters[role]
-            active[a["name"]] = a["strength"]
+        for r in ("accelerator", role):
+            if r is not None and r in self.adapters:
+                a = self.adapters[r]
+                active[a["name"]] = a["strength"]
         set_active_loras(self.transformer, active)
 
     # ------------------------------------------------------------------ prompts
@@ -202,8 +216,8 @@ class VBridgePipeline:
             neg = lf.negative_prompt_embeds
         if pos is None and lf is not None and lf.metadata.get("vbridge.prompt") and self.text_encoder:
             pos = self._encode(lf.metadata["vbridge.prompt"])
-        if pos is None and lf is None and self.adapters:
-            loaded = ", ".join(sorted(self.adapters))
+        if pos is None and lf is None and any(r in PASS_ROLES for r in self.adapters):
+            loaded = ", ".join(sorted(r for r in self.adapters if r in PASS_ROLES))
             raise InputError(f"this step needs the {role.replace('_', '-')} LoRA, but only the {loaded} LoRA is "
                              "loaded: add it (--lora for restoring, --drift-lora for drift correction)")
         if pos is None:
@@ -292,19 +306,30 @@ class VBridgePipeline:
             guidance_skip_tail: float = 0.0, prompt: str | None = None, negative_prompt: str | None = None,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             return_trajectory: bool = False, batch_size: int = 1, callback: StepCallback | None = None,
-            should_cancel: Callable[[], bool] | None = None, same_seed: bool = False) -> RestoreResult:
+            should_cancel: Callable[[], bool] | None = None, same_seed: bool = False,
+            sigmas: Sequence[float] | None = None, start_sigma: float | None = None, batch_cfg: bool = True,
+            cache: Any = None) -> RestoreResult:
         """Sample the pseudo-video for each image and return its last frame.
 
         Images may have any sizes; they are reflect-padded to multiples of 32 and cropped back.
         Image ``i`` of the call uses seed ``seed + i``, so a result does not depend on how the
         inputs are batched; ``same_seed=True`` gives every image ``seed`` (video frames: the same
         noise for every frame removes much of the frame-to-frame flicker). ``batch_size`` images of one padded size share each DiT call.
+
+        Few-step options (see :mod:`vbridge_core.sampler`): ``sigmas`` an explicit descending sigma
+        list in (0, 1] (``steps`` becomes its length), ``start_sigma`` starts latent frames >= 1 from
+        the LQ latent noised to that sigma, ``solver="x0_renoise"`` the DMD sampler. ``batch_cfg``
+        runs the two guidance passes as one batched DiT call. ``cache``: step caching of the DiT
+        (``None``/``"none"``, ``"fbc"``/``"fbc:0.05"`` or a :class:`vbridge_core.cache.CacheSpec`).
+        ``info["dit_calls_per_image"]`` counts DiT noise predictions per image (guided steps count 2).
         """
+        from .cache import dit_cache
         from .images import crop_back, pad_to_multiple
 
         trajectory.check_frames(frames)
         settings = SamplerSettings(steps=steps, shift=shift, solver=solver, sigma_grid=sigma_grid,
-                                   guidance=guidance, guidance_skip_tail=guidance_skip_tail).validate()
+                                   guidance=guidance, guidance_skip_tail=guidance_skip_tail, sigmas=sigmas,
+                                   start_sigma=start_sigma, batch_cfg=batch_cfg).validate()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         imgs = _as_image_list(images)
@@ -328,7 +353,12 @@ class VBridgePipeline:
         trajs: list[Optional[torch.Tensor]] = [None] * len(imgs)
         n_lat = trajectory.latent_frames(frames)
         done_steps = 0
-        total_steps = settings.steps * len(imgs)
+        n_steps = settings.total_steps()
+        total_steps = n_steps * len(imgs)
+        calls_per_image = 0
+        forward_passes = 0
+        planned = settings.plan()
+        cache_report: dict[str, Any] = {}
 
         for items in groups.values():
             for b0 in range(0, len(items), batch_size):
@@ -336,9 +366,10 @@ class VBridgePipeline:
                 x = torch.cat([c[1] for c in chunk])
                 cond = self.encode_condition(x)
                 _, c, _, h, w = cond.shape
-                noise = torch.cat([
-                    torch.randn((1, c, n_lat, h, w), generator=torch.Generator("cpu").manual_seed(seed if same_seed else seed + c_[0]),
-                                dtype=torch.float32) for c_ in chunk]).to(self.device)
+                # one CPU generator per image: its initial noise, then (x0_renoise) its fresh re-noising draws
+                gens = [torch.Generator("cpu").manual_seed(seed if same_seed else seed + c_[0]) for c_ in chunk]
+                noise = torch.cat([torch.randn((1, c, n_lat, h, w), generator=g, dtype=torch.float32)
+                                   for g in gens]).to(self.device)
 
                 def step_cb(info, _base=done_steps, _n=len(chunk)):
                     if callback is not None:
@@ -346,10 +377,15 @@ class VBridgePipeline:
                                           overall_total=total_steps)
                         callback(info)
 
-                with self._on_device(self.transformer):
+                stats = SampleStats()
+                with self._on_device(self.transformer), dit_cache(self.transformer, cache, n_steps) as cache_state:
                     lat = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
-                                 callback=step_cb, should_cancel=should_cancel)
-                done_steps += settings.steps * len(chunk)
+                                 callback=step_cb, should_cancel=should_cancel, generator=gens, stats=stats)
+                if cache_state is not None:
+                    cache_report = cache_state.report()
+                calls_per_image = stats.dit_calls_per_image
+                forward_passes += stats.forward_passes
+                done_steps += n_steps * len(chunk)
                 video = self.decode(lat)  # [b, 3, F, H, W]
                 for j, (idx, _, pad) in enumerate(chunk):
                     frames_j = crop_back(video[j].permute(1, 0, 2, 3), pad).cpu()  # [F, 3, H, W]
@@ -357,8 +393,11 @@ class VBridgePipeline:
                     if return_trajectory:
                         trajs[idx] = frames_j
         seconds = time.perf_counter() - t_start
-        info = dict(role=role, frames=frames, steps=steps, seed=seed, same_seed=same_seed, shift=shift, solver=solver,
+        info = dict(role=role, frames=frames, steps=n_steps, seed=seed, same_seed=same_seed, shift=shift, solver=solver,
                     sigma_grid=sigma_grid, guidance=guidance, guidance_skip_tail=guidance_skip_tail,
+                    sigmas=[round(x, 6) for x in planned] if planned is not None else None, start_sigma=settings.start_sigma,
+                    dit_calls_per_image=calls_per_image, dit_forward_passes=forward_passes, batch_cfg=settings.batch_cfg,
+                    cache=cache_report or None,
                     batch_size=batch_size, images=len(imgs), seconds=round(seconds, 3), offload=self.offload,
                     compiled=self.compiled,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
