@@ -15,7 +15,7 @@ from . import comfy_bridge
 logger = logging.getLogger(__name__)
 
 CATEGORY = "V-Bridge"
-SOLVERS = ["unipc", "euler"]
+SOLVERS = ["unipc", "euler", "x0_renoise"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 _MODEL_TIP = "The model from 'V-Bridge Load Model'."
@@ -24,6 +24,9 @@ _FRAMES_TIP = ("Frames of the pseudo-video from the degraded image (frame 0) to 
                "4k+1, at least 5. Use what the LoRA was trained with (5 in the paper); more frames cost more time.")
 _STEPS_TIP = "Sampling steps (50 as in the paper; fewer is faster and usually a little softer)."
 _SEED_TIP = "Noise seed. Image i of the batch uses seed + i, so results do not depend on the batch size."
+_CACHE_TIP = ("Step caching of the model for the 50-step modes: none (exact), fbc (First Block Cache, threshold "
+              "0.05), fbc:0.1 (more skipping, larger deviation) or mag:FILE.json (MagCache, calibrated with "
+              "`python -m vbridge_core cache-calibrate`). The info output reports how many passes were skipped.")
 
 
 def _frames_input() -> tuple[str, dict[str, Any]]:
@@ -127,7 +130,8 @@ class RestoreTrajectory:
                 "shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": (
                     "Flow-matching timestep shift (Wan default 5.0). Higher spends more steps at high noise.")}),
                 "solver": (SOLVERS, {"default": "unipc", "tooltip": (
-                    "unipc: Wan's default multistep solver. euler: first-order flow-matching Euler.")}),
+                    "unipc: Wan's default multistep solver. euler: first-order flow-matching Euler. x0_renoise: the "
+                    "few-step sampler of step-distilled bases (predict the clean image, re-noise, repeat).")}),
                 "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": (
                     "Classifier-free guidance. 1.0 = one model call per step (fast, the V-Bridge default); above 1 "
                     "adds a negative-prompt pass (the LoRA's embedded negative prompt, or 'negative').")}),
@@ -139,11 +143,13 @@ class RestoreTrajectory:
                 "negative": ("CONDITIONING", {"tooltip": (
                     "Optional negative prompt (CLIPLoader type 'wan'), used when guidance > 1; overrides the "
                     "LoRA's embedded negative prompt.")}),
+                "cache": ("STRING", {"default": "none", "tooltip": _CACHE_TIP}),
             },
         }
 
     def restore(self, vbridge_model: Any, image: Any, frames: int, steps: int, seed: int, shift: float, solver: str,
-                guidance: float, conditioning: Any = None, negative: Any = None) -> tuple[Any, Any, str]:
+                guidance: float, conditioning: Any = None, negative: Any = None,
+                cache: str = "none") -> tuple[Any, Any, str]:
         """Restore ``image`` and return ``(restored, trajectory, info)``."""
         from vbridge_core.runtime import format_info
 
@@ -154,7 +160,8 @@ class RestoreTrajectory:
             logger.info("negative conditioning ignored: guidance is 1.0 (no negative pass)")
         final, traj, result = run_on_comfy_images(
             vbridge_model, image, "restoration", frames=int(frames), steps=int(steps), seed=int(seed),
-            shift=float(shift), solver=solver, guidance=float(guidance), prompt_embeds=pos, negative_prompt_embeds=neg)
+            shift=float(shift), solver=solver, guidance=float(guidance), prompt_embeds=pos, negative_prompt_embeds=neg,
+            cache=cache)
         return final, traj, format_info(result.info, getattr(vbridge_model, "runtime", None))
 
 

@@ -239,3 +239,43 @@ def test_cli_turbo_preset_records_calls(tmp_path, tiny_model_dir):
     assert info["sigmas"] == [0.7, 0.5] and info["dit_calls_per_image"] == 2 and info["cache"]["dit_passes"] == 2
     assert main(["restore", str(tmp_path / "in.png"), "--out", str(out2), "--model", str(tiny_model_dir),
                  "--lora", str(lora), "--sigmas", "0.5,0.9", "--device", "cpu"]) == 2
+
+
+def test_cache_calibrate_writes_mag_ratios_and_reports_deviation(tmp_path, tiny_model_dir, capsys):
+    from tiny_files import random_lora
+    from vbridge_core.cli import main
+    from vbridge_core.images import save_png
+
+    save_png(torch.rand(3, 32, 32), tmp_path / "in.png")
+    lora = random_lora(tmp_path / "r.safetensors")
+    out = tmp_path / "cal"
+    rc = main(["cache-calibrate", str(tmp_path / "in.png"), "--out", str(out), "--model", str(tiny_model_dir),
+               "--lora", str(lora), "--steps", "6", "--device", "cpu", "--evaluate", "fbc:1e-9", "fbc:5",
+               f"mag:{out / 'magcache.json'}:5"])
+    assert rc == 0
+    mag = json.loads((out / "magcache.json").read_text())
+    assert len(mag["mag_ratios"]) == 6 and mag["mag_ratios"][0] == 1.0 and mag["steps"] == 6
+    rows = {r["cache"]: r for r in json.loads((out / "cache_report.json").read_text())["rows"]}
+    assert rows["fbc:1e-9"]["skipped_fraction"] == 0 and rows["fbc:1e-9"]["max_abs_diff"] <= 1e-6
+    assert rows["fbc:5"]["skipped_fraction"] > 0 and rows["fbc:5"]["psnr_to_uncached_db"] > 0
+    mag_row = rows[f"mag:{out / 'magcache.json'}:5"]
+    assert mag_row["skipped_fraction"] > 0 and mag_row["max_abs_diff"] > 0
+    assert "PSNR vs uncached" in capsys.readouterr().out
+
+
+def test_compile_failure_at_first_use_falls_back_to_eager(caplog):
+    """A backend that cannot compile (e.g. no Triton) fails at the first forward; the run logs it and
+    finishes eagerly with the eager result."""
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no working C++/Triton toolchain")
+
+    p = VBridgePipeline(build_tiny_transformer(5), build_tiny_vae(6), device="cpu", dtype=torch.float32,
+                        prompt_embeds=tiny_prompt_embeds())
+    x = torch.rand(3, 32, 32)
+    eager = p.restore(x, steps=2).final[0]
+    assert p.maybe_compile(None) is False  # auto: CPU stays eager
+    p.compile(backend=broken_backend)
+    with caplog.at_level("WARNING"):
+        res = p.restore(x, steps=2)
+    assert "falling back to eager" in caplog.text
+    assert res.info["compiled"] is None and torch.equal(res.final[0], eager)

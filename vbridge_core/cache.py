@@ -158,7 +158,9 @@ def dit_cache(transformer: torch.nn.Module, cache: Any, num_steps: Optional[int]
         config = FirstBlockCacheConfig(threshold=spec.threshold)
     else:
         steps = int(num_steps or len(spec.mag_ratios or []) or 1)
-        config = MagCacheConfig(threshold=spec.threshold, num_inference_steps=steps,
+        # calibrating: one step more than run, so diffusers' end-of-run reset never clears the ratios before
+        # they are read below (it resets when its step counter reaches num_inference_steps)
+        config = MagCacheConfig(threshold=spec.threshold, num_inference_steps=steps + 1 if spec.calibrate else steps,
                                 mag_ratios=None if spec.calibrate else list(spec.mag_ratios or []),
                                 calibrate=spec.calibrate, retention_ratio=0.2)
     # a DiT pass that is not skipped runs the last block's feed-forward: count those
@@ -167,6 +169,8 @@ def dit_cache(transformer: torch.nn.Module, cache: Any, num_steps: Optional[int]
     transformer.enable_cache(config)
     try:
         yield state
+        if spec.calibrate:
+            state.calibration = _read_calibration(blocks[-1])
     finally:
         transformer.disable_cache()
         counter.remove()
@@ -174,6 +178,20 @@ def dit_cache(transformer: torch.nn.Module, cache: Any, num_steps: Optional[int]
         # ``skipped`` counted every pass (the first block always runs); make it the skipped ones
         state.skipped = max(0, state.skipped - state.computed)
     logger.info("DiT cache %s: %d of %d passes skipped", spec.describe(), state.skipped, state.skipped + state.computed)
+
+
+def _read_calibration(tail_block: torch.nn.Module) -> list[float]:
+    """The magnitude ratios diffusers' MagCache measured in calibration mode (its tail-block hook state;
+    the longest series when several cache contexts ran, e.g. batched guided steps)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
+
+    hook = HookRegistry.check_if_exists_or_initialize(tail_block).get_hook(_MAG_CACHE_BLOCK_HOOK)
+    states = getattr(getattr(hook, "state_manager", None), "_state_cache", None)
+    if not states:
+        raise RuntimeError("diffusers' MagCache hook kept no calibration state (diffusers internals changed?)")
+    series = max((list(st.calibration_ratios) for st in states.values()), key=len)
+    return [float(r) for r in series]
 
 
 def cache_context(transformer: torch.nn.Module, name: str, step: int):

@@ -37,8 +37,10 @@ def _add_model_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     g.add_argument("--vae-tiling", action="store_true", help="decode/encode in tiles (large images, low VRAM)")
     if training:
         return
-    g.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks: faster "
-                   "sampling after a one-off compile of some seconds (GPU; needs a working Triton/C++ toolchain)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile of the DiT blocks: faster sampling after a one-off compile of some "
+                   "seconds. Default: on for CUDA, off on CPU; if it fails (no Triton/C++ toolchain) the run logs it "
+                   "and continues eagerly")
     g.add_argument("--offload", action="store_true", help="keep the models in CPU memory and move each to the GPU "
                    "only while it works (peak VRAM of one model; slower)")
     g.add_argument("--accelerator-lora", metavar="FILE", help="step-distilled base as a LoRA (e.g. Kijai's "
@@ -162,8 +164,7 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
                                       text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling,
                                       offload=a.offload, accelerator_lora=a.accelerator_lora,
                                       accelerator_strength=a.accelerator_strength)
-    if a.compile:
-        pipe.compile()
+    pipe.maybe_compile(a.compile)
     kw = _sampler_kwargs(a, lora=pipe.adapter_file("restoration"))
     settings: dict[str, Any] = {"inputs": [str(p) for p in paths], "sampler": {k: v for k, v in kw.items()}}
     t0 = time.perf_counter()
@@ -235,6 +236,12 @@ def _stab_cli(name: str):
     return run
 
 
+def _cache_cli(a: argparse.Namespace) -> int:
+    from .cache_cli import cmd_cache_calibrate
+
+    return cmd_cache_calibrate(a)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -278,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .stabilize_cli import add_stabilizer_parsers
 
     add_stabilizer_parsers(sub, _add_model_args, _add_sampler_args)
+    from .cache_cli import add_cache_parser
+
+    add_cache_parser(sub, _add_model_args, _add_sampler_args)
 
     e = sub.add_parser("eval", help="PSNR/SSIM of restored images against references (matching names)",
                        formatter_class=fmt)
@@ -303,7 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
                 "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo,
-                "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video")}
+                "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video"),
+                "cache-calibrate": _cache_cli}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:

@@ -76,6 +76,19 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
+def _is_compile_failure(e: BaseException) -> bool:
+    """Whether ``e`` comes from torch.compile (dynamo tracing or the backend compiler), not from the model."""
+    mod = type(e).__module__ or ""
+    if mod.startswith(("torch._dynamo", "torch._inductor")):
+        return True
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, TorchRuntimeError
+
+        return isinstance(e, (BackendCompilerFailed, InternalTorchDynamoError, TorchRuntimeError))
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+
+
 def _as_image_list(images: Any) -> list[torch.Tensor]:
     """Accept a [B,3,H,W] tensor, one [3,H,W] tensor, or a list of images/arrays; return [3,H,W] 0..1 tensors."""
     from .images import to_rgb_tensor
@@ -252,8 +265,29 @@ class VBridgePipeline:
         if mode is not None:
             kwargs["mode"] = mode
         self.transformer.compile_repeated_blocks(**kwargs)
-        self.compiled = backend or "inductor"
+        self.compiled = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom") \
+            if backend is not None else "inductor"
         logger.info("compiled the DiT blocks (backend %s)", self.compiled)
+
+    def maybe_compile(self, compile: bool | None = None, backend: str | None = None) -> bool:
+        """Regional compile by policy: ``None`` (auto) compiles on CUDA only, ``True`` always, ``False``
+        never. torch.compile works lazily, so a toolchain problem (no Triton, no C++ compiler) shows at
+        the first forward; :meth:`run` then logs it and falls back to eager. Returns whether compiled."""
+        want = self.device.type == "cuda" if compile is None else bool(compile)
+        if want and self.compiled is None:
+            try:
+                self.compile(backend=backend)
+            except Exception as e:  # noqa: BLE001 - any failure to set up compile means: run eager
+                logger.warning("torch.compile unavailable (%s: %s); running the DiT eagerly", type(e).__name__, e)
+                return False
+        return self.compiled is not None
+
+    def _uncompile(self) -> None:
+        """Drop the compiled block wrappers (``nn.Module.compile`` sets ``_compiled_call_impl``)."""
+        for m in self.transformer.modules():
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                m._compiled_call_impl = None
+        self.compiled = None
 
     # ------------------------------------------------------------------ placement
     @contextlib.contextmanager
@@ -358,6 +392,7 @@ class VBridgePipeline:
         calls_per_image = 0
         forward_passes = 0
         planned = settings.plan()
+        calibration: list[float] = []
         cache_report: dict[str, Any] = {}
 
         for items in groups.values():
@@ -377,12 +412,27 @@ class VBridgePipeline:
                                           overall_total=total_steps)
                         callback(info)
 
-                stats = SampleStats()
-                with self._on_device(self.transformer), dit_cache(self.transformer, cache, n_steps) as cache_state:
-                    lat = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
-                                 callback=step_cb, should_cancel=should_cancel, generator=gens, stats=stats)
+                def run_sampler():
+                    st = SampleStats()
+                    with self._on_device(self.transformer), dit_cache(self.transformer, cache, n_steps) as cs:
+                        out = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
+                                     callback=step_cb, should_cancel=should_cancel,
+                                     generator=[torch.Generator("cpu").set_state(g.get_state()) for g in gens],
+                                     stats=st)
+                    return out, st, cs
+
+                try:
+                    lat, stats, cache_state = run_sampler()
+                except Exception as e:
+                    if self.compiled is None or not _is_compile_failure(e):
+                        raise
+                    logger.warning("torch.compile of the DiT failed at its first use (%s: %s); falling back to eager "
+                                   "for this pipeline", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    self._uncompile()
+                    lat, stats, cache_state = run_sampler()
                 if cache_state is not None:
                     cache_report = cache_state.report()
+                    calibration = cache_state.calibration
                 calls_per_image = stats.dit_calls_per_image
                 forward_passes += stats.forward_passes
                 done_steps += n_steps * len(chunk)
@@ -402,6 +452,8 @@ class VBridgePipeline:
                     compiled=self.compiled,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                     adapters={r: a["strength"] for r, a in self.adapters.items()})
+        if calibration:
+            info["cache_calibration"] = calibration
         if self.device.type == "cuda":
             info["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return RestoreResult(final=[f for f in finals if f is not None],

@@ -163,8 +163,7 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
                                       device=a.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
                                       tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload,
                                       accelerator_lora=a.accelerator_lora, accelerator_strength=a.accelerator_strength)
-    if a.compile:
-        pipe.compile()
+    pipe.maybe_compile(a.compile)
     kw = _sampler_kwargs(a, lora=pipe.adapter_file("restoration"))
     seed = kw.pop("seed")
     kw.pop("batch_size", None)  # --batch-frames batches the frames
