@@ -84,7 +84,8 @@ def test_input_order_matches_the_workflow_spec():
     assert req("LoadVBridge") == ["dit", "vae", "restoration_lora", "restoration_strength", "drift_lora",
                                   "drift_strength", "precision", "attention", "memory"]
     assert req("RestoreTrajectory") == ["vbridge_model", "image", "frames", "steps", "seed", "shift", "solver", "guidance"]
-    assert list(NODES["RestoreTrajectory"].INPUT_TYPES()["optional"]) == ["conditioning", "negative", "cache"]
+    assert list(NODES["RestoreTrajectory"].INPUT_TYPES()["optional"]) == ["conditioning", "negative", "cache", "sigmas",
+                                                                         "start_sigma"]
     assert list(NODES["LoadVBridge"].INPUT_TYPES()["optional"]) == ["accelerator_lora", "accelerator_strength"]
     assert req("DriftCorrect") == ["vbridge_model", "image", "frames", "steps", "seed"]
     assert req("LoadImagePairs") == ["folder"]

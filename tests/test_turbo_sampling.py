@@ -279,3 +279,16 @@ def test_compile_failure_at_first_use_falls_back_to_eager(caplog):
         res = p.restore(x, steps=2)
     assert "falling back to eager" in caplog.text
     assert res.info["compiled"] is None and torch.equal(res.final[0], eager)
+
+
+def test_restore_node_runs_an_explicit_few_step_schedule(pipe):
+    from nodes.restore_nodes import RestoreTrajectory, parse_sigmas
+
+    image = torch.rand(1, 32, 32, 3)
+    final, traj, info = RestoreTrajectory().restore(pipe, image, frames=5, steps=50, seed=0, shift=5.0,
+                                                    solver="x0_renoise", guidance=1.0, sigmas="1.0, 0.757, 0.522")
+    assert final.shape == (1, 32, 32, 3) and traj.shape == (5, 32, 32, 3)
+    assert "dit_calls_per_image: 3" in info
+    assert parse_sigmas("") is None and parse_sigmas(" 0.9,0.5 ") == [0.9, 0.5]
+    with pytest.raises(InputError, match="comma-separated"):
+        parse_sigmas("0.9;0.5")

@@ -177,7 +177,7 @@ def workflow(request) -> tuple[str, dict[str, Any]]:
 def test_there_are_example_workflows():
     assert {p.stem for p in WORKFLOWS} >= {"restore_image", "restore_drift_correct", "restore_and_compare",
                                            "train_restoration_lora", "train_drift_correction_lora",
-                                           "restore_video_stabilized"}
+                                           "restore_video_stabilized", "restore_turbo"}
 
 
 def test_top_level_structure(workflow):
