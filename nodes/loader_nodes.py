@@ -85,7 +85,8 @@ class LoadVBridge:
 
     DESCRIPTION = (
         "Loads the Wan2.2-TI2V-5B diffusion transformer and the Wan2.2 VAE from ComfyUI's model folders, "
-        "and attaches a V-Bridge restoration LoRA and (optionally) a drift-correction LoRA on the same base. "
+        "and attaches a V-Bridge restoration LoRA and (optionally) a drift-correction LoRA on the same base, "
+        "optionally over a step-distilled accelerator LoRA (FastWan) for the 'turbo' preset. "
         "Both LoRAs carry the prompt they were trained with, so no text encoder is needed.\n\n"
         "Files: models/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors and models/vae/wan2.2_vae.safetensors "
         "(Hugging Face Comfy-Org/Wan_2.2_ComfyUI_Repackaged); LoRAs in models/loras/vbridge/.\n\n"
@@ -102,6 +103,7 @@ class LoadVBridge:
         _ensure_lora_folder()
         names = [n for n in comfy_bridge.filename_list("loras") if ".checkpoints/" not in n]
         roles = {n: _lora_role(n) for n in names}
+        loras = [NONE] + names
         strength = dict(default=1.0, min=-2.0, max=2.0, step=0.05)
         return {
             "required": {
@@ -131,6 +133,11 @@ class LoadVBridge:
                     "works (peak VRAM is one model, not two).")}),
             },
             "optional": {
+                "accelerator_lora": (loras, {"default": NONE, "tooltip": (
+                    "Optional step-distilled base as a LoRA, e.g. Kijai's Wan2_2_5B_FastWanFullAttn_lora_rank_128_bf16"
+                    ".safetensors (FastWan, 3-step DMD). Always active under the V-Bridge LoRAs; use it with the "
+                    "'turbo' preset of the restore node (3 model calls instead of 50).")}),
+                "accelerator_strength": ("FLOAT", dict(strength, tooltip="Strength of the accelerator LoRA (1.0 = as distilled).")),
                 "allow_partial_lora": ("BOOLEAN", {"default": False, "tooltip": (
                     "Off: a LoRA with keys that fit no layer of Wan2.2-TI2V-5B is refused with the list of them. "
                     "On: apply the part that fits and list the rest in the console and in the restore info "
@@ -139,18 +146,20 @@ class LoadVBridge:
         }
 
     @classmethod
-    def IS_CHANGED(cls, dit: str, vae: str, restoration_lora: str, drift_lora: str, **_: Any) -> str:
+    def IS_CHANGED(cls, dit: str, vae: str, restoration_lora: str, drift_lora: str, accelerator_lora: str = NONE,
+                   **_: Any) -> str:
         """Re-run when a chosen file is replaced on disk (same name, new contents)."""
         from vbridge_core.runtime import file_signature
 
         sigs = [file_signature(_resolve(f, n)) for f, n in (("diffusion_models", dit), ("vae", vae),
-                                                             ("loras", restoration_lora), ("loras", drift_lora))
+                                                             ("loras", restoration_lora), ("loras", drift_lora),
+                                                             ("loras", accelerator_lora))
                 if n and n != NONE]
         return repr(sigs)
 
     def load(self, dit: str, vae: str, restoration_lora: str, restoration_strength: float, drift_lora: str,
-             drift_strength: float, precision: str, attention: str, memory: str,
-             allow_partial_lora: bool = False) -> tuple[Any]:
+             drift_strength: float, precision: str, attention: str, memory: str, accelerator_lora: str = NONE,
+             accelerator_strength: float = 1.0, allow_partial_lora: bool = False) -> tuple[Any]:
         """Load (or reuse) the pipeline for these settings."""
         from vbridge_core.errors import InputError
         from vbridge_core.pipeline import default_device
@@ -165,10 +174,12 @@ class LoadVBridge:
         vae_path = _resolve("vae", vae)
         lora_path = _resolve("loras", restoration_lora) if restoration_lora and restoration_lora != NONE else None
         drift_path = _resolve("loras", drift_lora) if drift_lora and drift_lora != NONE else None
+        accel_path = _resolve("loras", accelerator_lora) if accelerator_lora and accelerator_lora != NONE else None
         key = (str(device), precision, attention, memory,
                str(dit_path), file_signature(dit_path), str(vae_path), file_signature(vae_path),
                str(lora_path), file_signature(lora_path), float(restoration_strength) if lora_path else None,
                str(drift_path), file_signature(drift_path), float(drift_strength) if drift_path else None,
+               str(accel_path), file_signature(accel_path), float(accelerator_strength) if accel_path else None,
                bool(allow_partial_lora))
         for k in [k for k, r in _CACHE.items() if r() is None]:
             del _CACHE[k]
@@ -181,6 +192,7 @@ class LoadVBridge:
         pipe = load_pipeline(dit=dit_path, vae=vae_path, lora=lora_path, lora_strength=restoration_strength,
                              drift_lora=drift_path, drift_strength=drift_strength, precision=precision,
                              attention=attention, offload=memory == "offload", device=device,
+                             accelerator_lora=accel_path, accelerator_strength=accelerator_strength,
                              allow_partial_lora=bool(allow_partial_lora))
         _CACHE[key] = weakref.ref(pipe)
         return (pipe,)

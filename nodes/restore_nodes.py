@@ -15,7 +15,7 @@ from . import comfy_bridge
 logger = logging.getLogger(__name__)
 
 CATEGORY = "V-Bridge"
-SOLVERS = ["unipc", "euler"]
+SOLVERS = ["unipc", "euler", "x0_renoise"]
 SIGMA_GRIDS = ["diffusers", "official"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -25,6 +25,28 @@ _FRAMES_TIP = ("Frames of the pseudo-video from the degraded image (frame 0) to 
                "4k+1, at least 5. Use what the LoRA was trained with (5 in the paper); more frames cost more time.")
 _STEPS_TIP = "Sampling steps (50 as in the paper; fewer is faster and usually a little softer)."
 _SEED_TIP = "Noise seed. Image i of the batch uses seed + i, so results do not depend on the batch size."
+_SIGMAS_TIP = ("Optional explicit noise schedule, descending in (0, 1], e.g. 1.0, 0.757, 0.522 (FastWan's "
+               "published 3 steps, with solver x0_renoise and a FastWan accelerator LoRA). Replaces steps and shift; "
+               "empty = the usual schedule from steps.")
+_START_SIGMA_TIP = ("Start from the degraded image noised to this level instead of pure noise (1.0 = pure noise, "
+                    "as usual). Lower values keep more of the input and need fewer steps; the schedule then covers "
+                    "only noise levels up to it.")
+_CACHE_TIP = ("Step caching of the model for the 50-step modes: none (exact), fbc (First Block Cache, threshold "
+              "0.05), fbc:0.1 (more skipping, larger deviation) or mag:FILE.json (MagCache, calibrated with "
+              "`python -m vbridge_core cache-calibrate`). The info output reports how many passes were skipped.")
+
+
+def parse_sigmas(text: str) -> Optional[list[float]]:
+    """The node's ``sigmas`` text (``"1.0, 0.757, 0.522"``) as a list; empty text: ``None`` (use steps)."""
+    from vbridge_core.errors import InputError
+
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InputError(f"sigmas must be comma-separated numbers such as 1.0, 0.757, 0.522 (or empty), got {text!r}") from None
 
 
 def _frames_input() -> tuple[str, dict[str, Any]]:
@@ -61,11 +83,13 @@ def _preset_inputs(guidance_default: float = 1.0) -> dict[str, Any]:
     }
 
 
-def _settings(preset: str, **custom: Any) -> dict[str, Any]:
-    """Sampler kwargs for the pipeline from the preset choice and the node's own widget values."""
+def _settings(preset: str, model: Any, **custom: Any) -> dict[str, Any]:
+    """Sampler kwargs for the pipeline from the preset choice and the node's own widget values (the turbo
+    preset takes the schedule a loaded turbo-distilled restoration LoRA names)."""
     from vbridge_core.presets import resolve_settings
 
-    return resolve_settings(preset, custom)
+    lora = model.adapter_file("restoration") if hasattr(model, "adapter_file") else None
+    return resolve_settings(preset, custom, lora=lora)
 
 
 def _check_model(model: Any) -> None:
@@ -113,7 +137,12 @@ def run_on_comfy_images(model: Any, image: Any, role: str, **settings: Any) -> t
 
     _check_model(model)
     x = comfy_to_bchw(image)
-    bar = comfy_bridge.ProgressBar(int(settings["steps"]) * x.shape[0], desc=f"V-Bridge {role}")
+    from vbridge_core.sampler import SamplerSettings
+
+    steps = SamplerSettings(steps=int(settings["steps"]), sigmas=settings.get("sigmas"),
+                            start_sigma=settings.get("start_sigma"), solver=settings.get("solver", "unipc"),
+                            shift=float(settings.get("shift", 5.0))).total_steps()
+    bar = comfy_bridge.ProgressBar(steps * x.shape[0], desc=f"V-Bridge {role}")
     preview = comfy_bridge.latent_previewer()
 
     def should_cancel() -> bool:
@@ -167,11 +196,11 @@ class RestoreTrajectory:
                 "shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": (
                     "Flow-matching timestep shift (Wan default 5.0). Higher spends more steps at high noise.")}),
                 "solver": (SOLVERS, {"default": "unipc", "tooltip": (
-                    "unipc: Wan's default multistep solver. euler: first-order flow-matching Euler.")}),
+                    "unipc: Wan's default multistep solver. euler: first-order flow-matching Euler. x0_renoise: the "
+                    "few-step sampler of step-distilled bases (predict the clean image, re-noise, repeat).")}),
                 "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": (
                     "Classifier-free guidance. 1.0 = one model call per step (fast, the V-Bridge default); above 1 "
                     "adds a negative-prompt pass (the LoRA's embedded negative prompt, or 'negative').")}),
-                **_preset_inputs(),
             },
             "optional": {
                 "conditioning": ("CONDITIONING", {"tooltip": (
@@ -181,20 +210,27 @@ class RestoreTrajectory:
                 "negative": ("CONDITIONING", {"tooltip": (
                     "Optional negative prompt (CLIPLoader type 'wan'), used when guidance > 1; overrides the "
                     "LoRA's embedded negative prompt.")}),
+                "cache": ("STRING", {"default": "none", "tooltip": _CACHE_TIP}),
+                "sigmas": ("STRING", {"default": "", "tooltip": _SIGMAS_TIP}),
+                "start_sigma": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                          "tooltip": _START_SIGMA_TIP}),
+                **_preset_inputs(),
             },
         }
 
     def restore(self, vbridge_model: Any, image: Any, frames: int, steps: int, seed: int, shift: float, solver: str,
-                guidance: float, preset: str = "custom", sigma_grid: str = "diffusers",
-                guidance_skip_tail: float = 0.0, conditioning: Any = None,
-                negative: Any = None) -> tuple[Any, Any, str]:
+                guidance: float, conditioning: Any = None, negative: Any = None, cache: str = "none",
+                sigmas: str = "", start_sigma: float = 1.0, preset: str = "custom", sigma_grid: str = "diffusers",
+                guidance_skip_tail: float = 0.0) -> tuple[Any, Any, str]:
         """Restore ``image`` and return ``(restored, trajectory, info)``."""
         from vbridge_core.runtime import format_info
 
         _check_model(vbridge_model)
-        kw = _settings(preset, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift), solver=solver,
-                       guidance=float(guidance), sigma_grid=sigma_grid, guidance_skip_tail=float(guidance_skip_tail))
-        final, traj, result = run_on_comfy_images(vbridge_model, image, "restoration", **kw,
+        kw = _settings(preset, vbridge_model, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift),
+                       solver=solver, guidance=float(guidance), sigma_grid=sigma_grid,
+                       guidance_skip_tail=float(guidance_skip_tail), sigmas=parse_sigmas(sigmas),
+                       start_sigma=None if float(start_sigma) >= 1.0 else float(start_sigma))
+        final, traj, result = run_on_comfy_images(vbridge_model, image, "restoration", cache=cache, **kw,
                                                   **_prompt_kwargs(vbridge_model, conditioning, negative, kw))
         result.info["preset"] = preset
         return final, traj, format_info(result.info, getattr(vbridge_model, "runtime", None))
@@ -251,8 +287,9 @@ class DriftCorrect:
         if "drift_correction" not in vbridge_model.adapters:
             raise InputError("this V-Bridge model has no drift-correction LoRA: pick one as 'drift_lora' in "
                              "'V-Bridge Load Model' (a LoRA trained for drift correction, in models/loras/vbridge/)")
-        kw = _settings(preset, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift), solver=solver,
-                       guidance=float(guidance), sigma_grid=sigma_grid, guidance_skip_tail=float(guidance_skip_tail))
+        kw = _settings(preset, vbridge_model, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift),
+                       solver=solver, guidance=float(guidance), sigma_grid=sigma_grid,
+                       guidance_skip_tail=float(guidance_skip_tail))
         kw.pop("release_size", None)  # the drift pass refines an already restored (already fitted) image
         final, traj, _ = run_on_comfy_images(vbridge_model, image, "drift_correction", **kw,
                                              **_prompt_kwargs(vbridge_model, conditioning, negative, kw))

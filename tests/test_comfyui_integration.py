@@ -437,7 +437,7 @@ def test_workflow_runs_in_comfyui(server, object_info, path):
         assert any(str(lora) in t for t in texts), texts
         from vbridge_core.training.checkpoint import checkpoint_dir
 
-        assert not list(checkpoint_dir(lora).glob("state-step*.pt")), "finished runs keep no state"
+        assert not list(checkpoint_dir(lora).glob("state-step*.safetensors")), "finished runs keep no state"
         listed = server.get("/object_info/LoadVBridge")["LoadVBridge"]["input"]["required"]["restoration_lora"][0]
         assert f"vbridge/{name}.safetensors" in listed, "LoadVBridge must list the new LoRA after a refresh"
         core = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]

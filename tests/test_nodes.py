@@ -84,7 +84,9 @@ def test_input_order_matches_the_workflow_spec():
     assert req("LoadVBridge") == ["dit", "vae", "restoration_lora", "restoration_strength", "drift_lora",
                                   "drift_strength", "precision", "attention", "memory"]
     assert req("RestoreTrajectory") == ["vbridge_model", "image", "frames", "steps", "seed", "shift", "solver", "guidance"]
-    assert list(NODES["RestoreTrajectory"].INPUT_TYPES()["optional"]) == ["conditioning", "negative"]
+    assert list(NODES["RestoreTrajectory"].INPUT_TYPES()["optional"]) == ["conditioning", "negative", "cache", "sigmas",
+                                                                         "start_sigma"]
+    assert list(NODES["LoadVBridge"].INPUT_TYPES()["optional"]) == ["accelerator_lora", "accelerator_strength"]
     assert req("DriftCorrect") == ["vbridge_model", "image", "frames", "steps", "seed"]
     assert req("LoadImagePairs") == ["folder"]
     assert req("ImageQualityMetrics") == ["restored", "reference", "psnr_channel", "ssim_channel"]
@@ -94,7 +96,7 @@ def test_input_order_matches_the_workflow_spec():
     r = NODES["RestoreTrajectory"].INPUT_TYPES()["required"]
     assert r["seed"][1]["control_after_generate"] is True and r["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
     assert (r["frames"][1]["default"], r["frames"][1]["min"], r["frames"][1]["max"], r["frames"][1]["step"]) == (5, 5, 81, 4)
-    assert r["solver"][0] == ["unipc", "euler"]
+    assert r["solver"][0] == ["unipc", "euler", "x0_renoise"]
 
 
 def test_loader_combos_list_the_model_folders():

@@ -39,7 +39,8 @@ def test_preset_choices_follow_presets():
     from nodes.restore_nodes import DriftCorrect, RestoreTrajectory
 
     for cls in (RestoreTrajectory, DriftCorrect):
-        req = cls.INPUT_TYPES()["required"]
+        types = cls.INPUT_TYPES()
+        req = {**types["required"], **types.get("optional", {})}
         assert req["preset"][0] == preset_choices() and req["preset"][1]["default"] == "custom"
         assert req["sigma_grid"][0] == ["diffusers", "official"] and "guidance_skip_tail" in req
     custom = dict(frames=9, seed=3, steps=7, shift=2.0, solver="euler", guidance=1.5, sigma_grid="official",

@@ -72,7 +72,12 @@ def test_guidance_one_makes_one_call_per_step(models):
         pipe.restore(torch.rand(3, 32, 32), steps=4, guidance=1.0)
         assert len(calls) == 4
         calls.clear()
-        pipe.restore(torch.rand(3, 32, 32), steps=20, guidance=6.0, guidance_skip_tail=0.15)
+        res = pipe.restore(torch.rand(3, 32, 32), steps=20, guidance=6.0, guidance_skip_tail=0.15, batch_cfg=False)
         assert len(calls) == 20 + 17  # the unconditional pass is skipped for the last 15% (3 of 20)
+        assert res.info["dit_calls_per_image"] == 37
+        calls.clear()
+        # batched CFG: the same 37 noise predictions per image in 20 forward calls
+        res = pipe.restore(torch.rand(3, 32, 32), steps=20, guidance=6.0, guidance_skip_tail=0.15)
+        assert len(calls) == 20 and res.info["dit_calls_per_image"] == 37
     finally:
         handle.remove()

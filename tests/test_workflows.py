@@ -184,7 +184,7 @@ def workflow(request) -> tuple[str, dict[str, Any]]:
 def test_there_are_example_workflows():
     assert {p.stem for p in WORKFLOWS} >= {"restore_image", "restore_drift_correct", "restore_and_compare",
                                            "train_restoration_lora", "train_drift_correction_lora",
-                                           "restore_video_stabilized", "restore_paper_release"}
+                                           "restore_video_stabilized", "restore_paper_release", "restore_turbo"}
 
 
 #: The canvas every workflow must fit at its saved zoom (a laptop-sized ComfyUI window), and the
@@ -235,6 +235,11 @@ def test_top_level_structure(workflow):
         for key in ("id", "type", "pos", "size", "flags", "order", "mode", "properties", "widgets_values"):
             assert key in n, f"{name}: node {n.get('id')} lacks {key!r}"
         assert len(n["pos"]) == 2 and len(n["size"]) == 2
+        if n["mode"] == 4 and n["type"] in ("CLIPLoader", "CLIPTextEncode"):
+            # an optional prompt source shipped bypassed; the note must say how to turn it on
+            notes = " ".join(m["widgets_values"][0] for m in wf["nodes"] if m["type"] in ("MarkdownNote", "Note"))
+            assert "Ctrl+B" in notes, f"{name}: bypassed node {n['id']} without a note on enabling it"
+            continue
         assert n["mode"] == 0, f"{name}: node {n['id']} ({n['type']}) is muted or bypassed"
 
 

@@ -215,6 +215,11 @@ class Checkpoint:
             self._add(f, raw_key, info["shape"], info["dtype"])
 
     def _add_torch_file(self, f: Path) -> None:
+        # PyTorch's weights-only unpickler admits tensors and plain containers only, never code; before
+        # torch 2.6 it could be bypassed (CVE-2025-32434), so older versions do not open such files at all
+        if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
+            raise ModelFileError(f"{f}: PyTorch {torch.__version__} cannot open .pt/.pth files safely (needs 2.6 or "
+                                 "newer); upgrade torch or use the .safetensors version of this model file")
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for bad files

@@ -37,10 +37,16 @@ def _add_model_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     g.add_argument("--vae-tiling", action="store_true", help="decode/encode in tiles (large images, low VRAM)")
     if training:
         return
-    g.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks: faster "
-                   "sampling after a one-off compile of some seconds (GPU; needs a working Triton/C++ toolchain)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile of the DiT blocks: faster sampling after a one-off compile of some "
+                   "seconds. Default: on for CUDA, off on CPU; if it fails (no Triton/C++ toolchain) the run logs it "
+                   "and continues eagerly")
     g.add_argument("--offload", action="store_true", help="keep the models in CPU memory and move each to the GPU "
                    "only while it works (peak VRAM of one model; slower)")
+    g.add_argument("--accelerator-lora", metavar="FILE", help="step-distilled base as a LoRA (e.g. Kijai's "
+                   "Wan2_2_5B_FastWanFullAttn_lora_rank_128_bf16.safetensors), always active under the V-Bridge LoRAs; "
+                   "use with --preset turbo")
+    g.add_argument("--accelerator-strength", type=float, default=1.0, help="accelerator LoRA strength (default 1.0)")
     g.add_argument("--allow-partial", action="store_true", help="apply the layers of a LoRA that fit this model and "
                    "list the rest (LoHa/LoKr/DoRA keys, other architectures' layers) instead of refusing the LoRA")
 
@@ -49,15 +55,31 @@ def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video
     """The sampling flags; ``video=True`` (restore-video) leaves out the per-image ones (--batch-size,
     --save-trajectory), which that command has no use for, and states its one-seed-for-all rule."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--preset", choices=["fast", "paper"], default=None,
+    from .presets import PRESETS
+
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="fast: guidance 1 on diffusers' grid; paper: the V-Bridge release (official grid, guidance 6, "
-                   "no unconditional pass in the last 15%% of steps). Explicit flags override the preset")
+                   "no unconditional pass in the last 15%% of steps); turbo: <= 4 DiT calls, x0-renoise on FastWan's "
+                   "published schedule (or the one a turbo-distilled LoRA names), for step-distilled bases. "
+                   "Explicit flags override the preset")
     g.add_argument("--frames", type=int, default=None, help=f"pseudo-video length F = 4k+1 >= 5 (default {frames_default})")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
     g.add_argument("--seed", type=int, default=0, help="seed; every frame uses this seed (default 0)" if video else
                    "seed; image i of the run uses seed+i (default 0)")
     g.add_argument("--shift", type=float, default=None, help="flow shift (default 5.0)")
-    g.add_argument("--solver", choices=["unipc", "euler"], default=None, help="ODE solver (default unipc)")
+    g.add_argument("--solver", choices=["unipc", "euler", "x0_renoise"], default=None,
+                   help="unipc (default), euler, or x0_renoise (the DMD few-step sampler of step-distilled bases)")
+    g.add_argument("--sigmas", type=_sigma_list, default=None, metavar="S1,S2,...",
+                   help="explicit descending sigma list in (0,1], e.g. 1.0,0.757,0.522 (terminal 0 implied); "
+                   "replaces --steps/--shift/--sigma-grid")
+    g.add_argument("--start-sigma", type=float, default=None, metavar="S",
+                   help="start from the LQ image noised to sigma S in (0,1] instead of pure noise (SDEdit-style); "
+                   "the schedule then covers sigmas <= S")
+    g.add_argument("--cache", default=None, metavar="SPEC",
+                   help="DiT step caching: none (default), fbc, fbc:THRESHOLD (First Block Cache) or mag:FILE.json "
+                   "(MagCache, calibrated with the cache-calibrate command); changes the output slightly")
+    g.add_argument("--no-batch-cfg", action="store_true",
+                   help="run the conditional and unconditional passes as two DiT calls instead of one batched call")
     g.add_argument("--sigma-grid", choices=["diffusers", "official"], default=None,
                    help="sigma grid: diffusers' UniPC flow grid (default) or the official Wan grid")
     g.add_argument("--guidance", type=float, default=None,
@@ -74,15 +96,30 @@ def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video
         g.add_argument("--save-trajectory", action="store_true", help="also write every frame of each pseudo-video")
 
 
-def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5) -> dict[str, Any]:
+def _sigma_list(text: str) -> list[float]:
+    """``--sigmas 1.0,0.757,0.522`` as a list of floats (checked later by the sampler)."""
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sigmas takes comma-separated numbers such as 1.0,0.757,0.522, got {text!r}")
+
+
+def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5, lora: Any = None) -> dict[str, Any]:
+    """Sampler keyword arguments from the preset and the explicit flags; ``lora`` (the restoration
+    LoRA file) may name the turbo preset's schedule."""
     from .presets import preset
 
-    kw: dict[str, Any] = preset(a.preset or "fast")
+    kw: dict[str, Any] = preset(a.preset or "fast", lora=lora)
     kw["frames"] = frames_default if a.preset is None else kw["frames"]
-    for name in ("frames", "steps", "shift", "solver", "sigma_grid", "guidance", "guidance_skip_tail", "release_size"):
-        v = getattr(a, name)
+    for name in ("frames", "steps", "shift", "solver", "sigma_grid", "guidance", "guidance_skip_tail", "sigmas",
+                 "start_sigma", "cache", "release_size"):
+        v = getattr(a, name, None)
         if v is not None:
             kw[name] = v
+    if getattr(a, "steps", None) is not None and getattr(a, "sigmas", None) is None and kw.get("sigmas") is not None:
+        kw["sigmas"] = None  # an explicit --steps replaces the preset's sigma list
+    if getattr(a, "no_batch_cfg", False):
+        kw["batch_cfg"] = False
     kw.update(seed=a.seed, batch_size=getattr(a, "batch_size", 1), prompt=a.prompt, negative_prompt=a.negative_prompt)
     if a.text_encoder and (a.preset == "paper" or not getattr(a, "lora", None)):
         # with a text encoder the release's own prompt pair is used (always for a full fine-tune without a
@@ -135,10 +172,10 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
                                       lora_strength=getattr(a, "lora_strength", 1.0), drift_lora=a.drift_lora,
                                       drift_strength=a.drift_strength, device=a.device, dtype=_dtype(a.dtype),
                                       text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling,
-                                      offload=a.offload, allow_partial_lora=a.allow_partial)
-    if a.compile:
-        pipe.compile()
-    kw = _sampler_kwargs(a)
+                                      offload=a.offload, accelerator_lora=a.accelerator_lora,
+                                      accelerator_strength=a.accelerator_strength, allow_partial_lora=a.allow_partial)
+    pipe.maybe_compile(a.compile)
+    kw = _sampler_kwargs(a, lora=pipe.adapter_file("restoration"))
     settings: dict[str, Any] = {"inputs": [str(p) for p in paths], "sampler": {k: v for k, v in kw.items()}}
     t0 = time.perf_counter()
     if not drift_only:
@@ -160,6 +197,10 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     settings.update(dit=a.dit, vae=a.vae, model=a.model, lora=getattr(a, "lora", None), drift_lora=a.drift_lora,
                     lora_strength=getattr(a, "lora_strength", None) if getattr(a, "lora", None) else None,
                     drift_strength=a.drift_strength if a.drift_lora else None, preset=a.preset or "fast",
+                    accelerator_lora=a.accelerator_lora,
+                    accelerator_strength=a.accelerator_strength if a.accelerator_lora else None,
+                    dit_calls_per_image=sum(i.get("dit_calls_per_image", 0) for k, i in settings.items()
+                                            if k in ("restore_info", "drift_info")),
                     lora_skipped={r: ad["skipped"] for r, ad in pipe.adapters.items() if ad.get("skipped")} or None,
                     seconds=round(time.perf_counter() - t0, 3))
     write_json_atomic(out / "vbridge_settings.json", settings)
@@ -185,6 +226,12 @@ def _stab_cli(name: str):
 
         return getattr(stabilize_cli, name)(a)
     return run
+
+
+def _cache_cli(a: argparse.Namespace) -> int:
+    from .cache_cli import cmd_cache_calibrate
+
+    return cmd_cache_calibrate(a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -230,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .stabilize_cli import add_stabilizer_parsers
 
     add_stabilizer_parsers(sub, _add_model_args, _add_sampler_args)
+    from .cache_cli import add_cache_parser
+
+    add_cache_parser(sub, _add_model_args, _add_sampler_args)
 
     from .eval_cli import add_eval_parser
 
@@ -252,7 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
                 "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo,
-                "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video")}
+                "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video"),
+                "cache-calibrate": _cache_cli}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:

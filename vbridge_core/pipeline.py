@@ -13,17 +13,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from . import trajectory
 from .errors import InputError
-from .sampler import SamplerSettings, StepCallback, sample
+from .sampler import SampleStats, SamplerSettings, StepCallback, sample
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("restoration", "drift_correction")
+ROLES = ("restoration", "drift_correction", "accelerator")
+#: Adapters that are switched per pass; the ``accelerator`` (a step-distilled base as a LoRA) stays on under them.
+PASS_ROLES = ("restoration", "drift_correction")
 
 @dataclass
 class RestoreResult:
@@ -86,6 +88,19 @@ RELEASE_PROMPT_HELP = (
     "(workflows/restore_paper_release.json).")
 
 
+def _is_compile_failure(e: BaseException) -> bool:
+    """Whether ``e`` comes from torch.compile (dynamo tracing or the backend compiler), not from the model."""
+    mod = type(e).__module__ or ""
+    if mod.startswith(("torch._dynamo", "torch._inductor")):
+        return True
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, TorchRuntimeError
+
+        return isinstance(e, (BackendCompilerFailed, InternalTorchDynamoError, TorchRuntimeError))
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+
+
 def _as_image_list(images: Any) -> list[torch.Tensor]:
     """Accept a [B,3,H,W] tensor, one [3,H,W] tensor, or a list of images/arrays; return [3,H,W] 0..1 tensors."""
     from .images import to_rgb_tensor
@@ -137,8 +152,8 @@ class VBridgePipeline:
                    drift_lora: str | Path | None = None, drift_strength: float = 1.0,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    text_encoder: str | Path | None = None, tokenizer: str | Path | None = None,
-                   vae_tiling: bool = False, offload: bool = False,
-                   allow_partial_lora: bool = False) -> "VBridgePipeline":
+                   vae_tiling: bool = False, offload: bool = False, accelerator_lora: str | Path | None = None,
+                   accelerator_strength: float = 1.0, allow_partial_lora: bool = False) -> "VBridgePipeline":
         """Load the DiT and VAE (single files or a diffusers folder) and the optional LoRAs.
 
         ``allow_partial_lora=True`` applies the part of a LoRA that fits and logs the rest (see
@@ -146,6 +161,8 @@ class VBridgePipeline:
 
         ``offload=True`` keeps both models in CPU memory and moves each to ``device`` only while it
         works (the VAE for encode/decode, the DiT for sampling): peak VRAM is one model, not two.
+        ``accelerator_lora`` is a step-distilled base as a LoRA (FastWan's ComfyUI LoRA), stacked under
+        the V-Bridge LoRAs and active in every pass; a step-distilled full checkpoint loads as ``dit``.
         """
         from .models import load_transformer, load_vae, resolve_model_files
 
@@ -159,6 +176,8 @@ class VBridgePipeline:
         logger.info("loaded DiT %s and VAE %s in %.1f s", dit_path, vae_path, time.perf_counter() - t0)
         pipe = cls(transformer, vae_model, device=dev, dtype=dt, text_encoder=text_encoder, tokenizer=tokenizer,
                    vae_tiling=vae_tiling, offload=offload)
+        if accelerator_lora:
+            pipe.load_lora(accelerator_lora, role="accelerator", strength=accelerator_strength)
         if lora:
             pipe.load_lora(lora, role="restoration", strength=lora_strength, allow_partial=allow_partial_lora)
         if drift_lora:
@@ -197,16 +216,23 @@ class VBridgePipeline:
         self._activate(None)
         return role
 
+    def adapter_file(self, role: str) -> Any:
+        """The :class:`lora.LoraFile` loaded for ``role`` (``None`` when none is): its metadata may name a
+        turbo schedule (``presets.preset("turbo", lora=...)``)."""
+        return self.adapters.get(role, {}).get("file")
+
     def _activate(self, role: str | None) -> None:
-        """Make ``role``'s adapter the only active one (``None``: base model only)."""
+        """Make ``role``'s adapter the only active pass adapter (``None``: none); an accelerator LoRA
+        stays active under it."""
         if not self.adapters:
             return
         from .lora import set_active_loras
 
         active = {}
-        if role is not None and role in self.adapters:
-            a = self.adapters[role]
-            active[a["name"]] = a["strength"]
+        for r in ("accelerator", role):
+            if r is not None and r in self.adapters:
+                a = self.adapters[r]
+                active[a["name"]] = a["strength"]
         set_active_loras(self.transformer, active)
 
     # ------------------------------------------------------------------ prompts
@@ -226,8 +252,8 @@ class VBridgePipeline:
             neg = lf.negative_prompt_embeds
         if pos is None and lf is not None and lf.metadata.get("vbridge.prompt") and self.text_encoder:
             pos = self._encode(lf.metadata["vbridge.prompt"])
-        if pos is None and lf is None and self.adapters:
-            loaded = ", ".join(sorted(self.adapters))
+        if pos is None and lf is None and any(r in PASS_ROLES for r in self.adapters):
+            loaded = ", ".join(sorted(r for r in self.adapters if r in PASS_ROLES))
             raise InputError(f"this step needs the {role.replace('_', '-')} LoRA, but only the {loaded} LoRA is "
                              "loaded: add it (--lora for restoring, --drift-lora for drift correction)")
         if pos is None and lf is None:
@@ -267,8 +293,29 @@ class VBridgePipeline:
         if mode is not None:
             kwargs["mode"] = mode
         self.transformer.compile_repeated_blocks(**kwargs)
-        self.compiled = backend or "inductor"
+        self.compiled = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom") \
+            if backend is not None else "inductor"
         logger.info("compiled the DiT blocks (backend %s)", self.compiled)
+
+    def maybe_compile(self, compile: bool | None = None, backend: str | None = None) -> bool:
+        """Regional compile by policy: ``None`` (auto) compiles on CUDA only, ``True`` always, ``False``
+        never. torch.compile works lazily, so a toolchain problem (no Triton, no C++ compiler) shows at
+        the first forward; :meth:`run` then logs it and falls back to eager. Returns whether compiled."""
+        want = self.device.type == "cuda" if compile is None else bool(compile)
+        if want and self.compiled is None:
+            try:
+                self.compile(backend=backend)
+            except Exception as e:  # noqa: BLE001 - any failure to set up compile means: run eager
+                logger.warning("torch.compile unavailable (%s: %s); running the DiT eagerly", type(e).__name__, e)
+                return False
+        return self.compiled is not None
+
+    def _uncompile(self) -> None:
+        """Drop the compiled block wrappers (``nn.Module.compile`` sets ``_compiled_call_impl``)."""
+        for m in self.transformer.modules():
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                m._compiled_call_impl = None
+        self.compiled = None
 
     # ------------------------------------------------------------------ placement
     @contextlib.contextmanager
@@ -322,7 +369,8 @@ class VBridgePipeline:
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             return_trajectory: bool = False, batch_size: int = 1, callback: StepCallback | None = None,
             should_cancel: Callable[[], bool] | None = None, same_seed: bool = False,
-            release_size: bool = False) -> RestoreResult:
+            sigmas: Sequence[float] | None = None, start_sigma: float | None = None, batch_cfg: bool = True,
+            cache: Any = None, release_size: bool = False) -> RestoreResult:
         """Sample the pseudo-video for each image and return its last frame.
 
         Images may have any sizes; they are reflect-padded to multiples of 32 and cropped back.
@@ -333,12 +381,21 @@ class VBridgePipeline:
         Image ``i`` of the call uses seed ``seed + i``, so a result does not depend on how the
         inputs are batched; ``same_seed=True`` gives every image ``seed`` (video frames: the same
         noise for every frame removes much of the frame-to-frame flicker). ``batch_size`` images of one padded size share each DiT call.
+
+        Few-step options (see :mod:`vbridge_core.sampler`): ``sigmas`` an explicit descending sigma
+        list in (0, 1] (``steps`` becomes its length), ``start_sigma`` starts latent frames >= 1 from
+        the LQ latent noised to that sigma, ``solver="x0_renoise"`` the DMD sampler. ``batch_cfg``
+        runs the two guidance passes as one batched DiT call. ``cache``: step caching of the DiT
+        (``None``/``"none"``, ``"fbc"``/``"fbc:0.05"`` or a :class:`vbridge_core.cache.CacheSpec`).
+        ``info["dit_calls_per_image"]`` counts DiT noise predictions per image (guided steps count 2).
         """
+        from .cache import dit_cache
         from .images import crop_back, fit_release_size, pad_to_multiple, resize_image
 
         trajectory.check_frames(frames)
         settings = SamplerSettings(steps=steps, shift=shift, solver=solver, sigma_grid=sigma_grid,
-                                   guidance=guidance, guidance_skip_tail=guidance_skip_tail).validate()
+                                   guidance=guidance, guidance_skip_tail=guidance_skip_tail, sigmas=sigmas,
+                                   start_sigma=start_sigma, batch_cfg=batch_cfg).validate()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         imgs = _as_image_list(images)
@@ -372,7 +429,13 @@ class VBridgePipeline:
         trajs: list[Optional[torch.Tensor]] = [None] * len(imgs)
         n_lat = trajectory.latent_frames(frames)
         done_steps = 0
-        total_steps = settings.steps * len(imgs)
+        n_steps = settings.total_steps()
+        total_steps = n_steps * len(imgs)
+        calls_per_image = 0
+        forward_passes = 0
+        planned = settings.plan()
+        calibration: list[float] = []
+        cache_report: dict[str, Any] = {}
 
         for items in groups.values():
             for b0 in range(0, len(items), batch_size):
@@ -380,9 +443,10 @@ class VBridgePipeline:
                 x = torch.cat([c[1] for c in chunk])
                 cond = self.encode_condition(x)
                 _, c, _, h, w = cond.shape
-                noise = torch.cat([
-                    torch.randn((1, c, n_lat, h, w), generator=torch.Generator("cpu").manual_seed(seed if same_seed else seed + c_[0]),
-                                dtype=torch.float32) for c_ in chunk]).to(self.device)
+                # one CPU generator per image: its initial noise, then (x0_renoise) its fresh re-noising draws
+                gens = [torch.Generator("cpu").manual_seed(seed if same_seed else seed + c_[0]) for c_ in chunk]
+                noise = torch.cat([torch.randn((1, c, n_lat, h, w), generator=g, dtype=torch.float32)
+                                   for g in gens]).to(self.device)
 
                 def step_cb(info, _base=done_steps, _n=len(chunk)):
                     if callback is not None:
@@ -390,10 +454,30 @@ class VBridgePipeline:
                                           overall_total=total_steps)
                         callback(info)
 
-                with self._on_device(self.transformer):
-                    lat = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
-                                 callback=step_cb, should_cancel=should_cancel)
-                done_steps += settings.steps * len(chunk)
+                def run_sampler():
+                    st = SampleStats()
+                    with self._on_device(self.transformer), dit_cache(self.transformer, cache, n_steps) as cs:
+                        out = sample(self.transformer, cond, noise, pos, settings, negative_prompt_embeds=neg,
+                                     callback=step_cb, should_cancel=should_cancel,
+                                     generator=[torch.Generator("cpu").set_state(g.get_state()) for g in gens],
+                                     stats=st)
+                    return out, st, cs
+
+                try:
+                    lat, stats, cache_state = run_sampler()
+                except Exception as e:
+                    if self.compiled is None or not _is_compile_failure(e):
+                        raise
+                    logger.warning("torch.compile of the DiT failed at its first use (%s: %s); falling back to eager "
+                                   "for this pipeline", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    self._uncompile()
+                    lat, stats, cache_state = run_sampler()
+                if cache_state is not None:
+                    cache_report = cache_state.report()
+                    calibration = cache_state.calibration
+                calls_per_image = stats.dit_calls_per_image
+                forward_passes += stats.forward_passes
+                done_steps += n_steps * len(chunk)
                 video = self.decode(lat)  # [b, 3, F, H, W]
                 for j, (idx, _, pad) in enumerate(chunk):
                     frames_j = crop_back(video[j].permute(1, 0, 2, 3), pad).cpu()  # [F, 3, H, W]
@@ -401,8 +485,11 @@ class VBridgePipeline:
                     if return_trajectory:
                         trajs[idx] = frames_j
         seconds = time.perf_counter() - t_start
-        info = dict(role=role, frames=frames, steps=steps, seed=seed, same_seed=same_seed, shift=shift, solver=solver,
+        info = dict(role=role, frames=frames, steps=n_steps, seed=seed, same_seed=same_seed, shift=shift, solver=solver,
                     sigma_grid=sigma_grid, guidance=guidance, guidance_skip_tail=guidance_skip_tail,
+                    sigmas=[round(x, 6) for x in planned] if planned is not None else None, start_sigma=settings.start_sigma,
+                    dit_calls_per_image=calls_per_image, dit_forward_passes=forward_passes, batch_cfg=settings.batch_cfg,
+                    cache=cache_report or None,
                     batch_size=batch_size, images=len(imgs), seconds=round(seconds, 3), offload=self.offload,
                     compiled=self.compiled,
                     device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
@@ -413,6 +500,8 @@ class VBridgePipeline:
         skipped = {r: a["skipped"][:10] for r, a in self.adapters.items() if a.get("skipped")}
         if skipped:  # allow_partial: say what of the LoRA was not applied, next to the result
             info["lora_not_applied"] = skipped
+        if calibration:
+            info["cache_calibration"] = calibration
         if self.device.type == "cuda":
             info["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return RestoreResult(final=[f for f in finals if f is not None],

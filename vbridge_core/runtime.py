@@ -105,8 +105,12 @@ def load_pipeline(*, dit: str | os.PathLike, vae: str | os.PathLike, lora: str |
                   lora_strength: float = 1.0, drift_lora: str | os.PathLike | None = None,
                   drift_strength: float = 1.0, precision: str = "bf16", attention: str = "auto",
                   offload: bool = False, device: torch.device | str | None = None,
+                  accelerator_lora: str | os.PathLike | None = None, accelerator_strength: float = 1.0,
                   allow_partial_lora: bool = False) -> Any:
     """Load a :class:`VBridgePipeline` with a precision name, an attention backend and LoRAs.
+
+    ``accelerator_lora`` is a step-distilled base as a LoRA (FastWan's ComfyUI LoRA), stacked under
+    the V-Bridge LoRAs and active in every pass (role ``accelerator``).
 
     ``device`` defaults to CUDA when available, else CPU. Loading runs outside inference mode (as
     ComfyUI executes nodes inside ``torch.inference_mode()``) so the weights stay usable for LoRA
@@ -124,6 +128,8 @@ def load_pipeline(*, dit: str | os.PathLike, vae: str | os.PathLike, lora: str |
         if storage is not None:
             enable_fp8_storage(pipe.transformer, compute)
         used = set_attention(pipe.transformer, attention, dev)
+        if accelerator_lora:
+            pipe.load_lora(accelerator_lora, role="accelerator", strength=accelerator_strength)
         if lora:
             pipe.load_lora(lora, role="restoration", strength=lora_strength, allow_partial=allow_partial_lora)
         if drift_lora:
@@ -132,7 +138,8 @@ def load_pipeline(*, dit: str | os.PathLike, vae: str | os.PathLike, lora: str |
     pipe.runtime = dict(precision=precision, compute_dtype=str(compute).replace("torch.", ""),
                         weight_storage=str(storage or compute).replace("torch.", ""), attention=used,
                         offload=bool(offload), device=str(dev), dit=str(dit), vae=str(vae),
-                        lora=str(lora) if lora else None, drift_lora=str(drift_lora) if drift_lora else None)
+                        lora=str(lora) if lora else None, drift_lora=str(drift_lora) if drift_lora else None,
+                        accelerator_lora=str(accelerator_lora) if accelerator_lora else None)
     return pipe
 
 
@@ -194,7 +201,7 @@ def pad_prompt_embeds(embeds: torch.Tensor, text_len: int = WAN_TEXT_LEN) -> tor
 def format_info(info: Mapping[str, Any], runtime: Optional[Mapping[str, Any]] = None) -> str:
     """A readable multi-line summary of a run's info dict (settings, seconds, memory) and the model options."""
     lines = []
-    order = ["role", "images", "frames", "steps", "seed", "shift", "solver", "sigma_grid", "guidance",
+    order = ["role", "images", "frames", "steps", "dit_calls_per_image", "seed", "shift", "solver", "sigma_grid", "guidance",
              "guidance_skip_tail", "batch_size", "adapters", "device", "dtype", "offload", "seconds", "peak_memory_gb"]
     keys = [k for k in order if k in info] + [k for k in info if k not in order]
     for k in keys:

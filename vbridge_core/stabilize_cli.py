@@ -162,10 +162,10 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
                                       device=a.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
                                       tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload,
+                                      accelerator_lora=a.accelerator_lora, accelerator_strength=a.accelerator_strength,
                                       allow_partial_lora=a.allow_partial)
-    if a.compile:
-        pipe.compile()
-    kw = _sampler_kwargs(a)
+    pipe.maybe_compile(a.compile)
+    kw = _sampler_kwargs(a, lora=pipe.adapter_file("restoration"))
     seed = kw.pop("seed")
     kw.pop("batch_size", None)  # --batch-frames batches the frames
     traj_frames = kw.pop("frames", None)

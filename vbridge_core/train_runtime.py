@@ -193,14 +193,15 @@ def training_prompt(pipe: Any, role: str, prompt_embeds: Optional["torch.Tensor"
 def remove_checkpoints(out_path: str | Path, *, states_only: bool = False) -> int:
     """Delete the checkpoints of the run writing ``out_path`` (only the state files with ``states_only``).
 
-    Only files named like checkpoints (``state-stepNNNNNN.pt``, ``lora-stepNNNNNN.safetensors``) are
-    touched. Returns how many files were removed.
+    Only files named like checkpoints (``state-stepNNNNNN.safetensors``, ``lora-stepNNNNNN.safetensors``,
+    and the pickled ``state-stepNNNNNN.pt`` of earlier versions, which are never opened) are touched.
+    Returns how many files were removed.
     """
-    from .training.checkpoint import checkpoint_dir, list_checkpoints, lora_path
+    from .training.checkpoint import LEGACY_STATE_RE, checkpoint_dir, list_checkpoints, lora_path
 
     folder = checkpoint_dir(out_path)
     removed = 0
-    for step, state in list_checkpoints(folder):
+    for step, state in list_checkpoints(folder) + list_checkpoints(folder, LEGACY_STATE_RE):
         for f in ([state] if states_only else [state, lora_path(folder, step)]):
             try:
                 f.unlink()

@@ -174,6 +174,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.mode == "drift" and not a.restoration_lora:
         raise InputError("--mode drift needs --restoration-lora FILE (the LoRA trained with --mode restoration)")
     cfg = _config(a)
+    if a.resume:
+        from .checkpoint import find_resume
+
+        find_resume(a.resume, a.out)  # a missing or old pickled state is refused before the model loads
     device = resolve_device(a.device) if a.device else None
     acc = make_accelerator(device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")))
     if device is None or (device.type == "cuda" and acc.num_processes > 1):
