@@ -85,9 +85,13 @@ def test_input_order_matches_the_workflow_spec():
                                   "drift_strength", "precision", "attention", "memory"]
     assert req("RestoreTrajectory") == ["vbridge_model", "image", "frames", "steps", "seed", "shift", "solver", "guidance"]
     assert list(NODES["RestoreTrajectory"].INPUT_TYPES()["optional"]) == ["conditioning", "negative", "cache", "sigmas",
-                                                                         "start_sigma"]
-    assert list(NODES["LoadVBridge"].INPUT_TYPES()["optional"]) == ["accelerator_lora", "accelerator_strength"]
-    assert req("DriftCorrect") == ["vbridge_model", "image", "frames", "steps", "seed"]
+                                                                         "start_sigma", "preset", "sigma_grid",
+                                                                         "guidance_skip_tail"]
+    assert list(NODES["LoadVBridge"].INPUT_TYPES()["optional"]) == ["accelerator_lora", "accelerator_strength",
+                                                                   "allow_partial_lora"]
+    assert req("DriftCorrect") == ["vbridge_model", "image", "frames", "steps", "seed", "shift", "solver", "guidance",
+                                   "preset", "sigma_grid", "guidance_skip_tail"]
+    assert list(NODES["DriftCorrect"].INPUT_TYPES()["optional"]) == ["conditioning", "negative"]
     assert req("LoadImagePairs") == ["folder"]
     assert req("ImageQualityMetrics") == ["restored", "reference", "psnr_channel", "ssim_channel"]
     assert list(NODES["ImageQualityMetrics"].INPUT_TYPES()["optional"]) == ["degraded"]
@@ -106,7 +110,9 @@ def test_loader_combos_list_the_model_folders():
     req = NODES["LoadVBridge"].INPUT_TYPES()["required"]
     assert req["dit"][0] == ["tiny_dit.safetensors"]
     assert req["vae"][0] == ["tiny_vae.safetensors"]
-    assert req["restoration_lora"][0] == ["none", "vbridge/drift.safetensors", "vbridge/restore.safetensors"]
+    # each list shows its own role first (read from the files' headers)
+    assert req["restoration_lora"][0] == ["none", "vbridge/restore.safetensors", "vbridge/drift.safetensors"]
+    assert req["drift_lora"][0] == ["none", "vbridge/drift.safetensors", "vbridge/restore.safetensors"]
     assert DIT_FILE_NAME in req["dit"][1]["tooltip"]
     assert req["precision"][0] == ["bf16", "fp16", "fp8_e4m3fn"] and req["precision"][1]["default"] == "bf16"
     assert req["attention"][0] == ["auto", "sdpa", "flash", "sage"]
