@@ -78,7 +78,7 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 #: What to do when no prompt embedding exists: a full fine-tune (the authors' release) carries no prompt.
 RELEASE_PROMPT_HELP = (
-    "No prompt embedding: the model has no V-Bridge LoRA carrying one (e.g. the authors' full fine-tuned "
+    "no prompt embedding: the model has no V-Bridge LoRA carrying one (e.g. the authors' full fine-tuned "
     "checkpoint). Supply the release's prompt pair, encoded once by umt5-xxl and then cached on disk "
     "(~/.cache/vbridge/prompt_embeds): CLI: add --preset paper --text-encoder "
     "models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (the pair in vbridge_core/presets.py is used); "
