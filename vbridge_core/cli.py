@@ -152,7 +152,10 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     from .fileio import ensure_writable_dir, write_json_atomic
     from .images import load_image
     from .pipeline import VBridgePipeline
+    from .parallel_restore import cmd_restore_parallel, wants_parallel
 
+    if wants_parallel(a):  # torchrun / accelerate launch, or --skip-existing
+        return cmd_restore_parallel(a, drift_only)
     out = ensure_writable_dir(a.out)
     paths = _collect_inputs(a.inputs)
     images = [load_image(p) for p in paths]
@@ -250,6 +253,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .parallel_restore import add_skip_existing_arg
+
     fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="python -m vbridge_core", description="V-Bridge: few-shot image restoration with "
                                 "the Wan2.2-TI2V-5B video diffusion transformer.")
@@ -267,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drift-steps", type=int, default=None, help="steps of the drift pass (default: --steps)")
     _add_model_args(r)
     _add_sampler_args(r)
+    add_skip_existing_arg(r)
 
     d = sub.add_parser("drift-correct", help="refine already restored images with a drift-correction LoRA",
                        formatter_class=fmt)
@@ -278,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drift-steps", type=int, default=None, help="steps (default 50)")
     _add_model_args(d)
     _add_sampler_args(d)
+    add_skip_existing_arg(d)
 
     from .training.cli import add_train_parser
 
