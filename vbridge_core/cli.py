@@ -231,6 +231,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return cmd_train(a)
 
 
+def _benchmark(a: argparse.Namespace) -> int:
+    from .benchmark import cmd_benchmark
+
+    return cmd_benchmark(a)
+
+
 def _stab_cli(name: str):
     def run(a: argparse.Namespace) -> int:
         from . import stabilize_cli
@@ -295,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache_cli import add_cache_parser
 
     add_cache_parser(sub, _add_model_args, _add_sampler_args)
+    from .benchmark import add_benchmark_parser
+
+    add_benchmark_parser(sub, _add_model_args, _add_sampler_args)
 
     e = sub.add_parser("eval", help="PSNR/SSIM of restored images against references (matching names)",
                        formatter_class=fmt)
@@ -321,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
                 "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo,
                 "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video"),
-                "cache-calibrate": _cache_cli}
+                "cache-calibrate": _cache_cli, "benchmark": _benchmark}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:
