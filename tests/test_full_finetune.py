@@ -111,3 +111,46 @@ def test_full_flags_errors(tmp_path, tiny_model_dir, data, capsys):
     assert "blocks run from 0 to 1" in capsys.readouterr().err
     assert main(_args(tiny_model_dir, data, tmp_path / "x.safetensors", "--max-shard-size", "lots")) == 2
     assert "size" in capsys.readouterr().err
+
+
+def test_cancel_writes_a_state_and_no_dit(tmp_path, tiny_model_dir, data):
+    from accelerate import Accelerator
+
+    from vbridge_core.pairs import scan_pairs
+    from vbridge_core.pipeline import VBridgePipeline
+    from vbridge_core.training.config import TrainConfig
+    from vbridge_core.training.full import FullOptions, train_full
+    from vbridge_core.training.full_files import list_states, load_state
+    from vbridge_core.training.loop import TrainingCancelled
+
+    pipe = VBridgePipeline.from_files(tiny_model_dir, device="cpu")
+    cfg = TrainConfig(steps=3, resolution=32, crops_per_pair=1, validation_fraction=0.0)
+    calls = iter([False, True])
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(TrainingCancelled) as e:
+        train_full(pipe, scan_pairs(data / "pairs"), cfg, FullOptions(train_blocks="1"), out,
+                   prompt_embeds=tiny_prompt_embeds(), accelerator=Accelerator(cpu=True),
+                   should_cancel=lambda: next(calls))
+    assert not out.exists() and [s for s, _ in list_states(out.with_name("c.checkpoints"))] == [1]
+    state = load_state(e.value.checkpoint)
+    assert state["step"] == 1 and state["config"]["train_blocks"] == "1"
+    assert set(state["model"]) and all(k.startswith("blocks.1.") for k in state["model"])  # chosen blocks only
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="opt-in: set COMFYUI_PATH (and COMFYUI_PYTHON)")
+def test_comfyui_loads_the_written_dit(tmp_path):
+    """ComfyUI's own loader (what UNETLoader calls) reads our original-layout file as a Wan2.2 model."""
+    from vbridge_core.tiny import build_tiny_transformer
+    from vbridge_core.training.full_files import write_dit
+
+    model = build_tiny_transformer(0)
+    path = write_dit(model.state_dict(), tmp_path / "full.safetensors", dtype=torch.bfloat16, config=dict(model.config),
+                     metadata={})[0]
+    code = ("import sys; sys.argv = ['x', '--cpu']\n"
+            "import comfy.options; comfy.options.enable_args_parsing(); import comfy.sd\n"
+            f"m = comfy.sd.load_diffusion_model({str(path)!r}); print('MODEL', type(m.model).__name__)")
+    comfy = os.environ["COMFYUI_PATH"]
+    py = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    proc = subprocess.run([py, "-c", code], cwd=comfy, env=dict(os.environ, PYTHONPATH=comfy), capture_output=True,
+                          text=True, timeout=600)
+    assert "MODEL WAN22" in proc.stdout, proc.stderr[-3000:]

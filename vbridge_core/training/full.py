@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -104,6 +105,9 @@ def shard_transformer(transformer: torch.nn.Module, device: torch.device, world:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    # diffusers' Wan returns its output as a view; FSDP2 warns that an in-place op on it would skip a hook.
+    # Our losses and the sampler only use it out of place, so the warning would be noise in every log.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world,))
     kw: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=True,
                               offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
