@@ -111,6 +111,14 @@ def test_full_flags_errors(tmp_path, tiny_model_dir, data, capsys):
     assert "blocks run from 0 to 1" in capsys.readouterr().err
     assert main(_args(tiny_model_dir, data, tmp_path / "x.safetensors", "--max-shard-size", "lots")) == 2
     assert "size" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, data, tmp_path / "x.safetensors", "--cpu-offload")) == 2
+    assert "several processes" in capsys.readouterr().err
+    from vbridge_core.errors import InputError
+    from vbridge_core.training.config import TrainConfig
+    from vbridge_core.training.full import make_full_optimizer
+
+    with pytest.raises(InputError, match="--cpu-offload"):  # bitsandbytes cannot step FSDP shards
+        make_full_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit"), sharded=True)
 
 
 def test_cancel_writes_a_state_and_no_dit(tmp_path, tiny_model_dir, data):

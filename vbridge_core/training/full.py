@@ -13,7 +13,8 @@ curriculum and drift mode as the LoRA loop (:mod:`.loop`), but on the DiT's own 
   FSDP's ``MixedPrecisionPolicy`` with fp32 gradient reduction. ``--gradient-checkpointing``
   recomputes each block's activations. ``--cpu-offload`` keeps the sharded parameters, gradients and
   optimizer state in CPU memory (FSDP's ``CPUOffloadPolicy``; the optimizer steps on the CPU).
-  ``--optimizer adamw8bit`` uses bitsandbytes' 8-bit AdamW when it is installed.
+  ``--optimizer adamw8bit`` uses bitsandbytes' 8-bit AdamW when it is installed, on one process
+  (see :func:`make_full_optimizer` for why sharded runs use ``--cpu-offload`` instead).
 * **Same batches as one process**: each optimizer step draws the whole global batch (pairs, views,
   noise levels, noise) from one seeded generator and every rank takes its slice, as the LoRA loop
   does; FSDP averages the gradients, so N processes with batch b follow one process with batch N*b.
@@ -111,12 +112,30 @@ def shard_transformer(transformer: torch.nn.Module, device: torch.device, world:
     mesh = init_device_mesh(device.type, (world,))
     kw: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=True,
                               offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    if mixed is not None:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed, reduce_dtype=torch.float32)
+    # The blocks (nearly all weights and compute) run in ``mixed`` with fp32 gradient reduction; the root
+    # (patch/time/text embeddings, head: diffusers keeps the time embedder and modulation in fp32 for
+    # accuracy) stays fp32, so timesteps are never rounded to bf16 before the time embedding.
+    block_mp = MixedPrecisionPolicy(param_dtype=mixed, reduce_dtype=torch.float32) if mixed is not None \
+        else MixedPrecisionPolicy()
     for block in transformer.blocks:
-        fully_shard(block, **kw)
+        fully_shard(block, mp_policy=block_mp, **kw)
     fully_shard(transformer, **kw)
     return transformer
+
+
+def make_full_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, sharded: bool) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (``adamw8bit``) for an unsharded run.
+
+    bitsandbytes' 8-bit optimizers do not work on FSDP2's sharded DTensor parameters
+    (bitsandbytes-foundation/bitsandbytes#1633), and torchao's, which do, keep their state in tensor
+    subclasses that a safetensors checkpoint cannot hold; sharded runs therefore refuse ``adamw8bit``
+    and offer ``--cpu-offload``, which moves the whole optimizer state to CPU memory instead.
+    """
+    if config.optimizer == "adamw8bit" and sharded:
+        raise InputError("--optimizer adamw8bit does not work on FSDP-sharded weights (bitsandbytes' 8-bit AdamW "
+                         "needs whole tensors); with several processes use --optimizer adamw, and --cpu-offload to "
+                         "keep the optimizer state in CPU memory")
+    return make_optimizer(params, config)
 
 
 def _full_state(model: torch.nn.Module, names: set[str], sharded: bool) -> dict[str, torch.Tensor]:
@@ -174,6 +193,9 @@ def train_full(pipe, pairs: Any, config: TrainConfig, options: FullOptions, out_
         train_set, val_set = split_validation(data, config.validation_fraction, config.seed)
     folder = checkpoint_dir(out_path)
 
+    if options.cpu_offload and not sharded:
+        raise InputError("--cpu-offload offloads FSDP shards: launch several processes (torchrun / accelerate launch)")
+
     # ---------------------------------------------------------------- model
     transformer = pipe.transformer
     pipe._activate(None)
@@ -194,10 +216,8 @@ def train_full(pipe, pairs: Any, config: TrainConfig, options: FullOptions, out_
         shard_transformer(transformer, device, world, mixed=mixed, cpu_offload=options.cpu_offload)
     if not options.cpu_offload:
         transformer.to(device)
-    elif not sharded:
-        raise InputError("--cpu-offload shards over several processes: launch with torchrun / accelerate launch")
     params = [p for n, p in transformer.named_parameters() if n in names]
-    opt = make_optimizer(params, config)
+    opt = make_full_optimizer(params, config, sharded)
     gen = torch.Generator().manual_seed(config.seed)
     prompt = prompt_embeds.to(device)
     # what the training math depends on (output format and offloading may change on resume)
