@@ -211,12 +211,9 @@ def add_benchmark_parser(sub, add_model_args: Callable[..., None], add_sampler_a
 
 def cmd_benchmark(a: argparse.Namespace) -> int:
     """Handle ``benchmark`` (see the module docstring)."""
-    from .cli import _sampler_kwargs
-    from .cli_common import parse_dtype
     from .fileio import ensure_writable_dir, write_json_atomic, write_text_atomic
     from .parallel import SharedProgress, image_area, process_group, split_by_cost
-    from .parallel_restore import restore_share
-    from .pipeline import VBridgePipeline
+    from .parallel_restore import load_pipeline, restore_share, sampler_settings, steps_per_pass
 
     if a.limit is not None and a.limit < 1:
         raise InputError("--limit must be at least 1")
@@ -231,25 +228,20 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
         pairs = limit_per_task(pairs, a.limit)
     out = ensure_writable_dir(a.out)
     group = process_group(a.device)
-    kw = _sampler_kwargs(a)
+    kw = sampler_settings(a)
     names = [p.name for p in pairs]
     shares = split_by_cost([image_area(p.lq) for p in pairs], group.world)
     mine = shares[group.rank]
     todo = [i for i in mine if not (a.skip_existing and (out / f"{names[i]}.png").is_file())]
     drift = dict(frames=a.drift_frames or kw["frames"], steps=a.drift_steps or kw["steps"]) if a.drift_lora else None
-    total = group.sum_int(len(todo) * (kw["steps"] + (drift["steps"] if drift else 0)))
+    total = group.sum_int(len(todo) * (steps_per_pass(kw) + (steps_per_pass(dict(kw, **drift)) if drift else 0)))
     if group.is_main:
         logger.info("benchmark %s (%s layout): %d images in %d task(s), %d process(es)", a.root, layout, len(pairs),
                     len({p.task for p in pairs}), group.world)
     progress = SharedProgress(group, total, "benchmark")
     info: dict[str, Any] = {}
     if todo:
-        pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
-                                          drift_lora=a.drift_lora, drift_strength=a.drift_strength, device=group.device,
-                                          dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
-                                          tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload)
-        if a.compile:
-            pipe.compile()
+        pipe = load_pipeline(a, group.device)
         info = restore_share(pipe, [p.lq for p in pairs], todo, out, kw, restore=True, drift=drift,
                              save_trajectory=a.save_trajectory, progress=progress, names=names)
     progress.finish()

@@ -50,6 +50,46 @@ def _write_image(out: Path, name: str, final: torch.Tensor, traj: Optional[torch
     save_png(final, out / f"{name}{suffix}.png")
 
 
+def sampler_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The sampler keywords, the same on every rank whether or not it loads the model (the turbo preset
+    reads its schedule from the restoration LoRA's metadata, as the one-process CLI does)."""
+    from .cli import _sampler_kwargs
+
+    lora = None
+    if a.preset == "turbo" and getattr(a, "lora", None):
+        from .lora import read_lora
+
+        lora = read_lora(a.lora)
+    return _sampler_kwargs(a, lora=lora)
+
+
+def steps_per_pass(kw: dict[str, Any]) -> int:
+    """Sampler steps of one image under ``kw`` (an explicit sigma list or a start sigma changes the count)."""
+    from dataclasses import fields
+
+    from .sampler import SamplerSettings
+
+    names = {f.name for f in fields(SamplerSettings)}
+    return SamplerSettings(**{k: v for k, v in kw.items() if k in names}).validate().total_steps()
+
+
+def load_pipeline(a: argparse.Namespace, device: torch.device, drift: bool = True) -> Any:
+    """The pipeline of a restore-like command on this process's device (LoRAs, accelerator LoRA, compile)."""
+    from .cli_common import parse_dtype
+    from .pipeline import VBridgePipeline
+
+    pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=getattr(a, "lora", None),
+                                      lora_strength=getattr(a, "lora_strength", 1.0),
+                                      drift_lora=getattr(a, "drift_lora", None) if drift else None,
+                                      drift_strength=getattr(a, "drift_strength", 1.0), device=device,
+                                      dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder, tokenizer=a.tokenizer,
+                                      vae_tiling=a.vae_tiling, offload=a.offload,
+                                      accelerator_lora=getattr(a, "accelerator_lora", None),
+                                      accelerator_strength=getattr(a, "accelerator_strength", 1.0))
+    pipe.maybe_compile(a.compile)
+    return pipe
+
+
 def _step_counter(progress: SharedProgress) -> Callable[[Any], None]:
     """A sampler callback (one per pipeline call) that adds each step's finished image-steps to ``progress``."""
     seen = {"n": 0}
@@ -123,17 +163,15 @@ def _merge_settings(group: ProcessGroup, shares: list[list[int]], names: Sequenc
 
 def cmd_restore_parallel(a: argparse.Namespace, drift_only: bool = False) -> int:
     """``restore`` / ``drift-correct`` over all processes of the launch (see the module docstring)."""
-    from .cli import _sampler_kwargs
-    from .cli_common import collect_inputs, parse_dtype
+    from .cli_common import collect_inputs
     from .fileio import ensure_writable_dir, write_json_atomic
-    from .pipeline import VBridgePipeline
 
     if drift_only and not a.drift_lora:
         raise InputError("drift-correct needs --drift-lora FILE (a V-Bridge drift-correction LoRA)")
     paths = collect_inputs(a.inputs)
     out = ensure_writable_dir(a.out)
     group = process_group(a.device)
-    kw = _sampler_kwargs(a)
+    kw = sampler_settings(a)
     shares = split_by_cost([image_area(p) for p in paths], group.world)
     mine = shares[group.rank]
     todo = [i for i in mine if not (a.skip_existing and (out / f"{paths[i].stem}.png").is_file())]
@@ -144,18 +182,12 @@ def cmd_restore_parallel(a: argparse.Namespace, drift_only: bool = False) -> int
     drift = None
     if a.drift_lora:
         drift = dict(frames=a.drift_frames or kw["frames"], steps=a.drift_steps or kw["steps"])
-    steps_per_image = (0 if drift_only else kw["steps"]) + (drift["steps"] if drift else 0)
+    steps_per_image = (0 if drift_only else steps_per_pass(kw)) + (steps_per_pass(dict(kw, **drift)) if drift else 0)
     total = group.sum_int(len(todo) * steps_per_image)
     local: dict[str, Any] = {}
     progress = SharedProgress(group, total, "drift-correct" if drift_only else "restore")
     if todo:
-        pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=getattr(a, "lora", None),
-                                          lora_strength=getattr(a, "lora_strength", 1.0), drift_lora=a.drift_lora,
-                                          drift_strength=a.drift_strength, device=group.device, dtype=parse_dtype(a.dtype),
-                                          text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling,
-                                          offload=a.offload)
-        if a.compile:
-            pipe.compile()
+        pipe = load_pipeline(a, group.device)
         local = restore_share(pipe, paths, todo, out, kw, restore=not drift_only, drift=drift,
                               save_trajectory=a.save_trajectory, progress=progress)
     progress.finish()
@@ -165,6 +197,10 @@ def cmd_restore_parallel(a: argparse.Namespace, drift_only: bool = False) -> int
         settings.update(dit=a.dit, vae=a.vae, model=a.model, lora=getattr(a, "lora", None), drift_lora=a.drift_lora,
                         lora_strength=getattr(a, "lora_strength", None) if getattr(a, "lora", None) else None,
                         drift_strength=a.drift_strength if a.drift_lora else None, preset=a.preset or "fast",
+                        accelerator_lora=a.accelerator_lora,
+                        accelerator_strength=a.accelerator_strength if a.accelerator_lora else None,
+                        dit_calls_per_image=sum(settings[k].get("dit_calls_per_image", 0)
+                                                for k in ("restore_info", "drift_info") if k in settings),
                         seconds=round(max(r["seconds"] for r in settings["ranks"]), 3))
         write_json_atomic(out / "vbridge_settings.json", settings)
         logger.info("wrote %d image(s) over %d process(es) (%d skipped) and vbridge_settings.json to %s",
@@ -200,11 +236,8 @@ def holds_clip_folders(folder: Path) -> bool:
 
 def cmd_restore_video_parallel(a: argparse.Namespace) -> int:
     """``restore-video`` split by clip over all processes; each clip's frames in one process, in order."""
-    from .cli import _sampler_kwargs
-    from .cli_common import parse_dtype
     from .fileio import ensure_writable_dir, write_json_atomic
     from .images import save_png
-    from .pipeline import VBridgePipeline
     from .stabilize import restore_video
     from .stabilize_cli import _frames
 
@@ -212,7 +245,7 @@ def cmd_restore_video_parallel(a: argparse.Namespace) -> int:
     clips = video_clips(src)
     out = ensure_writable_dir(a.out)
     group = process_group(a.device)
-    kw = _sampler_kwargs(a)
+    kw = sampler_settings(a)
     seed = kw.pop("seed")
     kw.pop("batch_size", None)
     traj_frames = kw.pop("frames", None)
@@ -224,16 +257,12 @@ def cmd_restore_video_parallel(a: argparse.Namespace) -> int:
     mine = shares[group.rank]
     todo = [k for k in mine if not (a.skip_existing and done(k))]
     skipped = [clips[k][0] or src.name for k in mine if k not in todo]
-    total = group.sum_int(sum(len(clips[k][1]) for k in todo) * int(kw.get("steps", 50)))
+    total = group.sum_int(sum(len(clips[k][1]) for k in todo) * steps_per_pass(kw))
     progress = SharedProgress(group, total, "restore-video")
     local: dict[str, Any] = {"clips": {}}
     t0 = time.perf_counter()
     if todo:
-        pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
-                                          device=group.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
-                                          tokenizer=a.tokenizer, vae_tiling=a.vae_tiling, offload=a.offload)
-        if a.compile:
-            pipe.compile()
+        pipe = load_pipeline(a, group.device)
         stab = a.stabilizer if a.stabilizer else a.ema
         for k in todo:
             name, frame_paths = clips[k]
