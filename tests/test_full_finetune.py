@@ -57,12 +57,13 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, tiny_model_dir, data)
     assert "2 process(es), FSDP full sharding" in proc.stderr
     # rank 0 alone writes: one DiT, one curve and grid, one state folder, nothing else
     files = sorted(str(p.relative_to(two.parent)) for p in two.parent.rglob("*") if p.is_file())
-    assert files == ["dit.checkpoints/state-step000001/generator.safetensors",
-                     "dit.checkpoints/state-step000001/model.safetensors",
+    assert files == ["dit.checkpoints/state-step000001/model.safetensors",
                      "dit.checkpoints/state-step000001/optimizer.safetensors",
-                     "dit.checkpoints/state-step000001/state.json", "dit.loss.png", "dit.safetensors",
+                     "dit.checkpoints/state-step000001/state.safetensors", "dit.loss.png", "dit.safetensors",
                      "dit.validation.png"], files
-    state = json.loads((two.parent / "dit.checkpoints" / "state-step000001" / "state.json").read_text())
+    from vbridge_core.training.full_files import load_state
+
+    state = load_state(two.parent / "dit.checkpoints" / "state-step000001")
     assert state["config"]["global_batch"] == 2 and len(state["losses"]) == 1
     assert [h["label"] for h in state["validation"]] == ["base"]
 

@@ -11,12 +11,14 @@ index; ComfyUI's UNETLoader reads single files, so keep the default of one file 
 
 A training state is a folder ``state-stepNNNNNN/`` beside the output (in ``<out stem>.checkpoints/``):
 ``model.safetensors`` (the trained weights, fp32, diffusers names), ``optimizer.safetensors``
-(``<param>::<slot>`` tensors), ``generator.safetensors`` and ``state.json`` (step, losses, config,
-optimizer hyper-parameters). It is written under a temporary name and renamed when complete.
+(``<param>::<slot>`` tensors) and ``state.safetensors`` (step, losses, config, optimizer
+hyper-parameters and the generator state, in the LoRA trainer's pickle-free format,
+:mod:`.state_file`). The big tensors get files of their own because ``state_file`` copies every
+tensor it stores, which for a 5B model's weights and AdamW moments would double rank 0's memory.
+The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,11 +31,13 @@ import torch
 
 from ..errors import InputError
 from ..fileio import atomic_path, write_json_atomic
+from . import state_file
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR_RE = re.compile(r"^state-step(\d+)$")
 STATE_FORMAT = "vbridge-full-train-state-1"
+STATE_FILE = "state.safetensors"
 
 _BLOCK_D2O = (("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
               ("attn1.to_out.0", "self_attn.o"), ("attn1.norm_q", "self_attn.norm_q"),
@@ -152,7 +156,7 @@ def list_states(folder: str | Path) -> list[tuple[int, Path]]:
     if not d.is_dir():
         return []
     return sorted((int(m.group(1)), p) for p in d.iterdir()
-                  if (m := STATE_DIR_RE.match(p.name)) and (p / "state.json").is_file())
+                  if (m := STATE_DIR_RE.match(p.name)) and (p / STATE_FILE).is_file())
 
 
 def find_state(resume: str | Path, checkpoints: Path) -> Optional[Path]:
@@ -161,11 +165,11 @@ def find_state(resume: str | Path, checkpoints: Path) -> Optional[Path]:
         found = list_states(checkpoints)
         return found[-1][1] if found else None
     p = Path(resume)
-    if (p / "state.json").is_file():
+    if (p / STATE_FILE).is_file():
         return p
     found = list_states(p)
     if not found:
-        raise InputError(f"no full fine-tuning state (state-stepNNNNNN/ with state.json) in {p}")
+        raise InputError(f"no full fine-tuning state (state-stepNNNNNN/ with {STATE_FILE}) in {p}")
     return found[-1][1]
 
 
@@ -175,8 +179,7 @@ def _flatten_optimizer(osd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
         for slot, v in slots.items():
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"{pname}::{slot}"] = t.detach().cpu().contiguous()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
-    return tensors, groups
+    return tensors, [dict(g) for g in osd["param_groups"]]
 
 
 def save_state(folder: Path, step: int, *, model: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any],
@@ -191,9 +194,8 @@ def save_state(folder: Path, step: int, *, model: Mapping[str, torch.Tensor], op
         save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
         otensors, groups = _flatten_optimizer(optimizer)
         save_file(otensors, str(tmp / "optimizer.safetensors"))
-        save_file({"generator": generator.cpu()}, str(tmp / "generator.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(dict(info, format=STATE_FORMAT, step=step, param_groups=groups),
-                                                   indent=1, default=str))
+        state_file.save_state(dict(info, format=STATE_FORMAT, step=step, param_groups=groups,
+                                   generator=generator.cpu()), tmp / STATE_FILE)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -211,18 +213,18 @@ def load_state(path: Path) -> dict[str, Any]:
     """Read a state folder: ``model``, ``optimizer`` (torch's FQN-keyed form), ``generator`` and the JSON fields."""
     from safetensors.torch import load_file
 
+    info = state_file.load_state(path / STATE_FILE)
+    if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
+        raise InputError(f"{path} is not a V-Bridge full fine-tuning state")
     try:
-        info = json.loads((path / "state.json").read_text())
         model = load_file(str(path / "model.safetensors"))
         flat = load_file(str(path / "optimizer.safetensors"))
-        generator = load_file(str(path / "generator.safetensors"))["generator"]
     except Exception as e:
         raise InputError(f"cannot read training state {path}: {e}") from None
-    if info.get("format") != STATE_FORMAT:
-        raise InputError(f"{path} is not a V-Bridge full fine-tuning state")
+    generator = info.pop("generator")
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in flat.items():
         pname, slot = key.split("::", 1)
         state.setdefault(pname, {})[slot] = t
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in info.pop("param_groups")]
+    groups = info.pop("param_groups")
     return dict(info, model=model, optimizer={"state": state, "param_groups": groups}, generator=generator)
