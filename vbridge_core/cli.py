@@ -158,7 +158,10 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     from .fileio import ensure_writable_dir, write_json_atomic
     from .images import load_image
     from .pipeline import VBridgePipeline
+    from .parallel_restore import cmd_restore_parallel, wants_parallel
 
+    if wants_parallel(a):  # torchrun / accelerate launch, or --skip-existing
+        return cmd_restore_parallel(a, drift_only)
     out = ensure_writable_dir(a.out)
     paths = _collect_inputs(a.inputs)
     images = [load_image(p) for p in paths]
@@ -220,6 +223,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return cmd_train(a)
 
 
+def _benchmark(a: argparse.Namespace) -> int:
+    from .benchmark import cmd_benchmark
+
+    return cmd_benchmark(a)
+
+
 def _stab_cli(name: str):
     def run(a: argparse.Namespace) -> int:
         from . import stabilize_cli
@@ -242,6 +251,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .parallel_restore import add_skip_existing_arg
+
     fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="python -m vbridge_core", description="V-Bridge: few-shot image restoration with "
                                 "the Wan2.2-TI2V-5B video diffusion transformer.")
@@ -259,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drift-steps", type=int, default=None, help="steps of the drift pass (default: --steps)")
     _add_model_args(r)
     _add_sampler_args(r)
+    add_skip_existing_arg(r)
 
     d = sub.add_parser("drift-correct", help="refine already restored images with a drift-correction LoRA",
                        formatter_class=fmt)
@@ -270,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drift-steps", type=int, default=None, help="steps (default 50)")
     _add_model_args(d)
     _add_sampler_args(d)
+    add_skip_existing_arg(d)
 
     from .training.cli import add_train_parser
 
@@ -280,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache_cli import add_cache_parser
 
     add_cache_parser(sub, _add_model_args, _add_sampler_args)
+    from .benchmark import add_benchmark_parser
+
+    add_benchmark_parser(sub, _add_model_args, _add_sampler_args)
 
     from .eval_cli import add_eval_parser
 
@@ -303,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
                 "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo,
                 "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video"),
-                "cache-calibrate": _cache_cli}
+                "cache-calibrate": _cache_cli, "benchmark": _benchmark}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:

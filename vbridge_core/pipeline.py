@@ -370,7 +370,7 @@ class VBridgePipeline:
             return_trajectory: bool = False, batch_size: int = 1, callback: StepCallback | None = None,
             should_cancel: Callable[[], bool] | None = None, same_seed: bool = False,
             sigmas: Sequence[float] | None = None, start_sigma: float | None = None, batch_cfg: bool = True,
-            cache: Any = None, release_size: bool = False) -> RestoreResult:
+            cache: Any = None, seeds: list[int] | None = None, release_size: bool = False) -> RestoreResult:
         """Sample the pseudo-video for each image and return its last frame.
 
         Images may have any sizes; they are reflect-padded to multiples of 32 and cropped back.
@@ -388,6 +388,8 @@ class VBridgePipeline:
         runs the two guidance passes as one batched DiT call. ``cache``: step caching of the DiT
         (``None``/``"none"``, ``"fbc"``/``"fbc:0.05"`` or a :class:`vbridge_core.cache.CacheSpec`).
         ``info["dit_calls_per_image"]`` counts DiT noise predictions per image (guided steps count 2).
+        ``seeds`` (one per image) overrides ``seed``/``same_seed``, so a process restoring its share of a
+        larger run gives each image the seed a one-process run would.
         """
         from .cache import dit_cache
         from .images import crop_back, fit_release_size, pad_to_multiple, resize_image
@@ -399,6 +401,8 @@ class VBridgePipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         imgs = _as_image_list(images)
+        if seeds is not None and len(seeds) != len(imgs):
+            raise InputError(f"seeds: one per image needed, got {len(seeds)} for {len(imgs)} image(s)")
         resized: list[dict[str, Any]] = []
         if release_size:
             for i, img in enumerate(imgs):
@@ -444,7 +448,8 @@ class VBridgePipeline:
                 cond = self.encode_condition(x)
                 _, c, _, h, w = cond.shape
                 # one CPU generator per image: its initial noise, then (x0_renoise) its fresh re-noising draws
-                gens = [torch.Generator("cpu").manual_seed(seed if same_seed else seed + c_[0]) for c_ in chunk]
+                gens = [torch.Generator("cpu").manual_seed(
+                    seeds[c_[0]] if seeds is not None else seed if same_seed else seed + c_[0]) for c_ in chunk]
                 noise = torch.cat([torch.randn((1, c, n_lat, h, w), generator=g, dtype=torch.float32)
                                    for g in gens]).to(self.device)
 

@@ -73,6 +73,9 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     v.add_argument("--save-raw", action="store_true", help="also write the unstabilized frames to OUT/raw/")
     add_model_args(v)
     add_sampler_args(v, video=True)
+    from .parallel_restore import add_skip_existing_arg
+
+    add_skip_existing_arg(v)
 
 
 def _frames(folder: Path, what: str):
@@ -153,7 +156,10 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
     from .images import save_png
     from .pipeline import VBridgePipeline
     from .stabilize import restore_video
+    from .parallel_restore import cmd_restore_video_parallel, holds_clip_folders, wants_parallel
 
+    if wants_parallel(a) or holds_clip_folders(Path(a.input)):
+        return cmd_restore_video_parallel(a)  # several processes, --skip-existing, or a folder of clips
     src = Path(a.input)
     paths = collect_inputs([str(src)])
     frames = _frames(src, "input")

@@ -101,6 +101,9 @@ def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     v.add_argument("--val-every", type=int, default=0, help="validate every N steps (always before and after)")
     v.add_argument("--val-steps", type=int, default=20, help="sampling steps of a validation restore")
     v.add_argument("--val-resolution", type=int, default=None, help="validation crop side (default: last stage's)")
+    from .full_cli import add_full_args
+
+    add_full_args(t)
     add_model_args(t, training=True)
 
 
@@ -169,6 +172,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     from ..pipeline import VBridgePipeline, resolve_device
     from .loop import make_accelerator, train_lora
 
+    if getattr(a, "full", False):  # the whole DiT, sharded with FSDP: its own module
+        from .full_cli import cmd_train_full
+
+        return cmd_train_full(a)
     if not a.pairs and not a.from_clean:
         raise InputError("give --pairs DIR (lq/ and hq/ folders) or --from-clean DIR with --degradations")
     if a.mode == "drift" and not a.restoration_lora:
