@@ -279,6 +279,12 @@ def test_compile_failure_at_first_use_falls_back_to_eager(caplog):
         res = p.restore(x, steps=2)
     assert "falling back to eager" in caplog.text
     assert res.info["compiled"] is None and torch.equal(res.final[0], eager)
+    # uncompile (training does it) removes every compiled block wrapper
+    p.compile(backend="eager")
+    assert any(getattr(m, "_compiled_call_impl", None) is not None for m in p.transformer.modules())
+    p.uncompile()
+    assert p.compiled is None
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in p.transformer.modules())
 
 
 def test_restore_node_runs_an_explicit_few_step_schedule(pipe):
