@@ -154,6 +154,8 @@ def run_on_comfy_images(model: Any, image: Any, role: str, **settings: Any) -> t
         bar.update_absolute(int(info.extra.get("overall_step", info.step)), shot)
 
     comfy_bridge.make_room()
+    if hasattr(model, "maybe_compile"):
+        model.maybe_compile(None)  # regional compile on CUDA (falls back to eager, logged, if it cannot)
     try:
         fn = model.restore if role == "restoration" else model.drift_correct
         result = fn(x, return_trajectory=True, callback=callback, should_cancel=should_cancel, **settings)

@@ -147,9 +147,13 @@ def test_batched_cfg_equals_two_calls_and_counts_both(dit):
 
 
 def test_dit_calls_per_image_of_the_presets():
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(SamplerSettings)}
+
     def calls(name):
-        kw = preset(name)
-        return SamplerSettings(**{k: v for k, v in kw.items() if k not in ("frames", "release_size")}).dit_calls_per_image()
+        kw = preset(name)  # a preset may also hold pipeline options (frames, ...): keep the sampler's own
+        return SamplerSettings(**{k: v for k, v in kw.items() if k in fields}).dit_calls_per_image()
 
     assert calls("fast") == 50
     assert calls("paper") == 93
@@ -279,6 +283,12 @@ def test_compile_failure_at_first_use_falls_back_to_eager(caplog):
         res = p.restore(x, steps=2)
     assert "falling back to eager" in caplog.text
     assert res.info["compiled"] is None and torch.equal(res.final[0], eager)
+    # uncompile (training does it) removes every compiled block wrapper
+    p.compile(backend="eager")
+    assert any(getattr(m, "_compiled_call_impl", None) is not None for m in p.transformer.modules())
+    p.uncompile()
+    assert p.compiled is None
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in p.transformer.modules())
 
 
 def test_restore_node_runs_an_explicit_few_step_schedule(pipe):

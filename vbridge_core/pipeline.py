@@ -310,7 +310,7 @@ class VBridgePipeline:
                 return False
         return self.compiled is not None
 
-    def _uncompile(self) -> None:
+    def uncompile(self) -> None:
         """Drop the compiled block wrappers (``nn.Module.compile`` sets ``_compiled_call_impl``)."""
         for m in self.transformer.modules():
             if getattr(m, "_compiled_call_impl", None) is not None:
@@ -475,7 +475,7 @@ class VBridgePipeline:
                         raise
                     logger.warning("torch.compile of the DiT failed at its first use (%s: %s); falling back to eager "
                                    "for this pipeline", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                    self._uncompile()
+                    self.uncompile()
                     lat, stats, cache_state = run_sampler()
                 if cache_state is not None:
                     cache_report = cache_state.report()

@@ -267,6 +267,10 @@ def run_training(pipe: Any, pairs: Any, config: "TrainConfig", out_path: str | P
         if n:
             logger.info("resume is off: removed %d old checkpoint file(s) of %s", n, out_path.name)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(pipe, "compiled", None) and hasattr(pipe, "uncompile"):
+        # the restore nodes compile the DiT blocks on CUDA (inference only); training runs them eagerly
+        logger.info("dropping the compiled DiT blocks for training (restoring compiles them again)")
+        pipe.uncompile()
     saved_strengths = {r: a.get("strength") for r, a in getattr(pipe, "adapters", {}).items()}
     kw: dict[str, Any] = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                               metadata=metadata, callback=callback, should_cancel=should_cancel,
