@@ -360,6 +360,10 @@ def restore_case(recipe_name: str, *, cached: bool = False, compiled: bool = Fal
         out["notes"] = f"steps {kw.get('steps')}, guidance {kw.get('guidance', 1.0):g}"
         if compiled and m["warmup_s"]:
             out["notes"] += f", first call {m['warmup_s'][0]:.1f} s (compiles)"
+        if isinstance(info_box.get("cache"), dict):
+            out["extra"] = {"cache": info_box["cache"]}
+            out["notes"] += ", cache " + ", ".join(f"{k}={v}" for k, v in info_box["cache"].items()
+                                                   if isinstance(v, (int, float, str)))[:120]
         if info_box.get("compiled") and not compiled:
             out["notes"] += f", pipeline reports compiled={info_box['compiled']}"
         return out
