@@ -334,19 +334,20 @@ def current_rss_gb() -> float:
 
 
 class Phases:
-    """Seconds, current and peak RSS after each named phase."""
+    """Wall and CPU seconds (all threads), current and peak RSS after each named phase."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        row = dict(phase=name, seconds=round(time.perf_counter() - t0, 2), rss_gb=round(current_rss_gb(), 2),
+        row = dict(phase=name, seconds=round(time.perf_counter() - t0, 2), cpu_s=round(time.process_time() - c0, 2),
+                   rss_gb=round(current_rss_gb(), 2),
                    peak_rss_gb=round(peak_rss_gb(), 2))
         self.rows.append(row)
-        logger.info("%-34s %7.2f s   RSS %6.2f GiB   peak %6.2f GiB", name, row["seconds"], row["rss_gb"],
-                    row["peak_rss_gb"])
+        logger.info("%-34s %7.2f s (CPU %7.2f s)   RSS %6.2f GiB   peak %6.2f GiB", name, row["seconds"],
+                    row["cpu_s"], row["rss_gb"], row["peak_rss_gb"])
         return out
 
 
@@ -479,10 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"real_arch_cpu: {cfg['num_layers']} x dim {report['config']['dim']} DiT ({n_written / 1e9:.4f} B params), "
           f"{args.vae} VAE, rank-{LORA_RANK} LoRA, 1 step at {args.size}x{args.size}, bf16 on CPU "
           f"({torch.get_num_threads()} threads)")
-    print("| phase | seconds | RSS GiB | peak RSS GiB |")
-    print("|---|---|---|---|")
+    print("| phase | seconds | CPU seconds | RSS GiB | peak RSS GiB |")
+    print("|---|---|---|---|---|")
     for r in phases.rows:
-        print(f"| {r['phase']} | {r['seconds']:.2f} | {r['rss_gb']:.2f} | {r['peak_rss_gb']:.2f} |")
+        print(f"| {r['phase']} | {r['seconds']:.2f} | {r['cpu_s']:.2f} | {r['rss_gb']:.2f} | {r['peak_rss_gb']:.2f} |")
     for r in report["storages"]:
         print(f"{r['storage']}: file {r['file_gb']:.2f} GiB, {r['tensors_checked']} tensors checked equal to the "
               "written values, restore finite")
