@@ -298,7 +298,9 @@ def build_vae(tiny: bool, device, dtype, seed: int = 1):
     torch.manual_seed(seed)
     with torch.device(device):
         vae = AutoencoderKLWan(**{k: v for k, v in cfg.items() if k in params})
-    return vae.to(dtype).eval().requires_grad_(False)
+    for p in vae.parameters():  # not ModelMixin.to(): it warns about an (empty) fp32 module list
+        p.data = p.data.to(dtype)
+    return vae.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------------
