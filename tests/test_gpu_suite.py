@@ -20,7 +20,7 @@ if str(BENCH) not in sys.path:
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
-def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -36,7 +36,7 @@ def test_plan_lists_every_case_without_a_gpu():
 
 def test_tiny_cases_run_through_the_suite(tmp_path):
     out = tmp_path / "suite.json"
-    cases = "diffusers_default,fast,fast_compiled,full_ft_512_bf16"
+    cases = "diffusers_default,fast,turbo,fast_cached,fast_compiled,full_ft_512_bf16"
     proc = _run(str(BENCH / "gpu_suite.py"), "--tiny", "-q", "--only", cases, "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
@@ -50,6 +50,12 @@ def test_tiny_cases_run_through_the_suite(tmp_path):
     # same noise, same DiT and VAE: ours equals the diffusers reference; compiling changes nothing
     assert rows["fast"]["diff_to"] == "diffusers_default" and rows["fast"]["max_diff"] <= 1e-4
     assert rows["fast_compiled"]["max_diff"] <= 1e-5
+    # turbo: at most 4 calls, and the pipeline's own count agrees with the hook's
+    turbo = rows["turbo"]
+    assert 1 <= turbo["dit_calls_per_image"] <= 4
+    assert turbo["extra"]["info_dit_calls_per_image"] == turbo["dit_calls_per_image"]
+    cached = rows["fast_cached"]
+    assert cached["diff_to"] == "fast" and cached["max_diff"] is not None and "cache" in cached["extra"]
     assert all(r["seconds"] > 0 for r in rows.values())
     ft = rows["full_ft_512_bf16"]
     assert ft["extra"]["plan_one_gpu_gb"] > 0 and ft["extra"]["tokens"] == 2 * 2 * 2
