@@ -107,6 +107,11 @@ class TrainLoRASettings:
                 "restore_steps": ("INT", {"default": d["restore_steps"], "min": 1, "max": 200, "tooltip": (
                     "Drift-correction mode only: sampling steps of the restoration pass that makes the "
                     "drift-correction inputs (cached, so a resumed run does not restore again).")}),
+                "quality_weighting": ("FLOAT", {"default": d["quality_weighting"], "min": 0.0, "max": 10.0,
+                                                "step": 0.1, "tooltip": (
+                    "Quality-aware loss (Perceive-IR's difficulty-adaptive strategy): each pair's loss is weighted "
+                    "by 1 + this x its perceived difficulty (1 - quality score of its LQ, from the built-in "
+                    "perceiver), normalised to mean 1. 0 = off; 1 = the hardest pairs count up to about twice.")}),
             }
         }
 

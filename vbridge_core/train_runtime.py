@@ -65,6 +65,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "validation_steps": 20,
     "checkpoint_every": 100,
     "restore_steps": 30,
+    "quality_weighting": 0.0,
 }
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -129,7 +130,8 @@ def make_train_config(settings: Optional[Mapping[str, Any]], *, stages: str, see
         frames=int(s["frames"]), alpha_schedule=parse_schedule(str(s["alpha_schedule"])), shift=float(s["shift"]),
         seed=int(seed), role=role, crops_per_pair=int(s["crops_per_pair"]), flip=bool(s["flip"]),
         validation_fraction=float(s["validation_fraction"]), validation_every=int(s["validation_every"]),
-        validation_steps=int(s["validation_steps"]), checkpoint_every=int(s["checkpoint_every"]))
+        validation_steps=int(s["validation_steps"]), checkpoint_every=int(s["checkpoint_every"]),
+        quality_weighting=float(s["quality_weighting"]))
     return cfg.validate()
 
 

@@ -91,6 +91,9 @@ def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     m.add_argument("--shift", type=float, default=5.0, help="flow shift of the noise-level sampling")
     m.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    m.add_argument("--quality-weighting", type=float, default=0.0, metavar="STRENGTH",
+                   help="quality-aware loss (Perceive-IR): weight each pair by 1 + STRENGTH x its perceived difficulty "
+                   "(1 - quality score of its LQ), normalised to mean 1; 0 = off, 1 = hardest pairs up to ~2x")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory, slower)")
     m.add_argument("--prompt", default=None, help="training prompt (default: the V-Bridge release prompt; needs "
                    "--text-encoder)")
@@ -150,7 +153,8 @@ def _config(a: argparse.Namespace):
         role="drift_correction" if a.mode == "drift" else "restoration", crop_mode=a.crop_mode, flip=not a.no_flip,
         crops_per_pair=a.crops_per_pair, validation_fraction=a.val_fraction, validation_every=a.val_every,
         validation_steps=a.val_steps, validation_resolution=a.val_resolution, checkpoint_every=a.checkpoint_every,
-        keep_checkpoints=a.keep_checkpoints, cache_dir=a.cache_dir).validate()
+        keep_checkpoints=a.keep_checkpoints, cache_dir=a.cache_dir,
+        quality_weighting=a.quality_weighting).validate()
 
 
 def _synthesise_pairs(a: argparse.Namespace, is_main: bool, barrier: Callable[[], None]) -> Path:
@@ -201,6 +205,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=device, dtype=parse_dtype(a.dtype),
                                       text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling)
     pos, neg, meta = _prompt_embeddings(a, pipe)
+    if a.from_clean:  # restore --auto reads the degradations a LoRA was trained on (issue 11)
+        meta["degradations"] = [n.strip() for n in a.degradations.split(",") if n.strip()]
 
     stop = {"requested": False}
 

@@ -165,6 +165,11 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
                 "(%d steps), %d process(es)", config.role, len(train_set), len(train_set.tasks), len(val_set),
                 format_stages(stages), total, world)
     folder = ckpt.checkpoint_dir(out_path)
+    weights = None
+    if config.quality_weighting:  # per-pair loss weights from the perceived difficulty, computed once
+        from ..perceive.weighting import pair_weights
+
+        weights = pair_weights(train_set, config.quality_weighting)
 
     # ---------------------------------------------------------------- model
     transformer = pipe.transformer
@@ -332,7 +337,8 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
                 z = torch.cat([cache[int(p)][int(v)] for p, v in zip(pi[mine], vi[mine])]).to(pipe.device)
                 with _autocast(pipe, config):
                     loss = flow_matching_loss(transformer, z, prompt, sig[mine].to(pipe.device),
-                                              noise[mine].to(pipe.device))
+                                              noise[mine].to(pipe.device),
+                                              None if weights is None else weights[pi[mine]].to(pipe.device))
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     finite = False
