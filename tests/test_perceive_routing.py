@@ -165,3 +165,27 @@ def test_weighted_flow_matching_loss_reduces_to_plain(tiny_model_dir, tiny_promp
         first = flow_matching_loss(t, z, tiny_prompt, s, n, torch.tensor([2.0, 0.0]))
         only0 = flow_matching_loss(t, z[:1], tiny_prompt, s[:1], n[:1])
     assert ones == pytest.approx(float(plain), rel=1e-5) and first == pytest.approx(float(only0), rel=1e-4)
+
+
+def test_train_lora_with_quality_weighting_records_it(tmp_path, caplog):
+    import logging
+
+    from vbridge_core.lora import read_lora
+    from vbridge_core.pipeline import VBridgePipeline
+    from vbridge_core.tiny import build_tiny_transformer, build_tiny_vae, tiny_prompt_embeds
+    from vbridge_core.training.trainer import TrainConfig, train_lora
+    from vbridge_core.degrade import gaussian_noise
+    from vbridge_core.perceive.synth import clean_photos
+
+    photo = dict(clean_photos("held_out"))["rocket.jpg"][:, :64, :64]
+    pairs = [(f"p{i}", gaussian_noise(photo, i, sigma=s), photo) for i, s in enumerate((0.01, 0.2))]
+    pipe = VBridgePipeline(build_tiny_transformer(0), build_tiny_vae(1), device="cpu", dtype=torch.float32)
+    cfg = TrainConfig(steps=2, resolution=32, rank=4, alpha=4.0, crops_per_pair=1, validation_fraction=0.0,
+                      quality_weighting=1.0)
+    with caplog.at_level(logging.INFO, logger="vbridge_core.perceive.weighting"):
+        res = train_lora(pipe, pairs, cfg, tmp_path / "q.safetensors", prompt_embeds=tiny_prompt_embeds(),
+                         write_plots=False)
+    assert "quality-aware loss (strength 1)" in caplog.text
+    assert read_lora(res.path).metadata["vbridge.train_config"]["quality_weighting"] == 1.0
+    with pytest.raises(InputError, match="quality_weighting"):
+        TrainConfig(quality_weighting=-1).validate()

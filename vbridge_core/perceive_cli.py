@@ -45,7 +45,7 @@ def add_perceive_parsers(sub) -> None:
                    "clip 400 when no --tasks)")
     t.add_argument("--epochs", type=int, default=150, help="(builtin) passes over the training features")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
     t.add_argument("--seed", type=int, default=0, help="seed")
 

@@ -273,8 +273,8 @@ def train_clip_perceiver(embedder: Embedder, images: Sequence[torch.Tensor], lab
         loss.backward()
         opt.step()
         if (step + 1) % max(1, steps // 5) == 0:
-            logger.info("CLIP perceiver step %d/%d loss %.4f", step + 1, steps, float(loss))
-    model.info = dict(info or {}, examples=len(images), steps=int(steps), seed=int(seed), final_loss=float(loss))
+            logger.info("CLIP perceiver step %d/%d loss %.4f", step + 1, steps, float(loss.detach()))
+    model.info = dict(info or {}, examples=len(images), steps=int(steps), seed=int(seed), final_loss=float(loss.detach()))
     return model.eval()
 
 

@@ -163,7 +163,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "block_x", "block_y", "block_sum", "block_min", "dct_zero", "chroma_soft", "chroma_soft2",
     # streaks / flakes
     "th_h_mean", "th_v_mean", "th_sq_mean", "th_h_q99", "th_v_q99", "th_sq_q99", "th_h_v_ratio",
-    "th_sq_frac", "th_h_frac", "th_v_frac", "th_diag_ratio", "th_sat",
+    "th_sq_frac", "th_h_frac", "th_v_frac", "th_diag_ratio", "th_sat", "white_blob_frac", "white_blob_share",
+    "white_line_frac",
 )
 
 
@@ -248,6 +249,13 @@ def crop_features(x: torch.Tensor) -> torch.Tensor:
           (th_sq > 0.12).float().mean((1, 2, 3))[:, None], (th_h > 0.08).float().mean((1, 2, 3))[:, None],
           (th_v > 0.08).float().mean((1, 2, 3))[:, None],
           torch.log((th_d.mean((1, 2, 3)) + _EPS) / (ms + _EPS))[:, None], satm[:, None]]
+    # snow is white and grey-free: small bright blobs that are near-white and unsaturated (gravel's
+    # bright stones are grey); rain streaks are bright thin lines
+    whiteish = ((y > 0.72) & (sat < 0.25)).float()
+    blob = (th_sq > 0.1).float()
+    wb = (blob * whiteish).mean((1, 2, 3))
+    f += [torch.log(wb + 1e-4)[:, None], (wb / blob.mean((1, 2, 3)).clamp(min=1e-4))[:, None],
+          torch.log(((th_h > 0.08).float() * whiteish).mean((1, 2, 3)) + 1e-4)[:, None]]
     out = torch.cat(f, 1)
     assert out.shape[1] == len(FEATURE_NAMES), (out.shape, len(FEATURE_NAMES))
     return torch.nan_to_num(out, nan=0.0, posinf=10.0, neginf=-10.0)

@@ -64,7 +64,7 @@ def build_training_set(count: int, seed: int, photos: Optional[list] = None,
 
 
 def fit_net(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int = 0, epochs: int = 150,
-            hidden: int = 128, lr: float = 2e-3, batch: int = 256) -> PerceiverNet:
+            hidden: int = 128, lr: float = 3e-3, batch: int = 512) -> PerceiverNet:
     """Fit a :class:`PerceiverNet` to features and targets (deterministic for a seed)."""
     torch.manual_seed(seed)
     net = PerceiverNet(feats.shape[1], hidden)
@@ -89,7 +89,7 @@ def fit_net(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int = 0, 
         opt.step()
         sched.step()
         if (step + 1) % max(1, steps // 5) == 0:
-            logger.info("perceiver fit step %d/%d loss %.4f", step + 1, steps, float(loss))
+            logger.info("perceiver fit step %d/%d loss %.4f", step + 1, steps, float(loss.detach()))
     return net.eval()
 
 
