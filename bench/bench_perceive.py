@@ -191,8 +191,11 @@ def held_out_crop(photos, rng: np.random.Generator) -> torch.Tensor:
     return (p[:, t:t + ch, l:l + cw].clamp(0, 1) * 255).round() / 255
 
 
-def make_sets(per_family: int, seed: int):
-    """(synthetic, independent, mixtures): lists of (image, true label, true severity dict)."""
+def make_sets(per_family: int, seed: int, with_synthetic: bool = True):
+    """(synthetic, independent, mixtures): lists of (image, true label, true severity dict).
+
+    ``with_synthetic=False`` skips the degrade.py sets (their crops are still drawn, so the
+    independent set is the same either way)."""
     photos = clean_photos("held_out")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -204,13 +207,16 @@ def make_sets(per_family: int, seed: int):
                 synthetic.append((x, "clean", {}))
                 independent.append((held_out_crop(photos, rng), "clean", {}))
                 continue
-            s = degrade_with(x, [lab], seed * 100_003 + len(synthetic), gen)
-            synthetic.append((s.image, lab, s.severity))
+            if with_synthetic:
+                s = degrade_with(x, [lab], seed * 100_003 + len(synthetic), gen)
+                synthetic.append((s.image, lab, s.severity))
+            else:
+                synthetic.append((x, lab, {}))
             xi = held_out_crop(photos, rng).permute(1, 2, 0).numpy().astype(np.float64)
             yi, sev = INDEPENDENT[lab](xi, rng)
             yi = np.round(np.clip(yi, 0, 1) * 255) / 255
             independent.append((torch.from_numpy(yi).permute(2, 0, 1).float(), lab, {lab: sev}))
-    for i in range(per_family * 2):
+    for i in range(per_family * 2 if with_synthetic else 0):
         x = held_out_crop(photos, rng)
         fams = [FAMILIES[int(j)] for j in rng.choice(len(FAMILIES), 2, replace=False)]
         s = degrade_with(x, fams, seed * 7_000_003 + i, gen)

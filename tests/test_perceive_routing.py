@@ -39,7 +39,7 @@ def photos():
     from vbridge_core.degrade import degrade
     from vbridge_core.perceive.synth import clean_photos
 
-    clean = dict(clean_photos("held_out"))["coffee.png"][:, 100:164, 200:264].contiguous()
+    clean = dict(clean_photos("held_out"))["camera.png"][:, 100:164, 100:164].contiguous()
     return {"clean.png": clean, "noisy.png": degrade(clean, "gaussian_noise", 0, sigma=0.15),
             "rainy.png": degrade(clean, "rain", 1, density=0.012, intensity=0.8)}
 
@@ -132,9 +132,9 @@ def test_auto_restore_library_keeps_the_pipelines_own_lora(tiny_model_dir, lora_
     pipe = VBridgePipeline.from_files(tiny_model_dir, lora=own, device="cpu")
     names = list(photos)
     res = auto_restore(pipe, list(photos.values()), names, scan_lora_dir(lora_dir), Perceiver.builtin().perceive,
-                       force=True, steps=1)
-    assert [r["lora"] for r in res.rows][1:] == ["denoise.safetensors", "old_rain.safetensors"]
-    assert res.rows[0]["lora"] is not None  # forced
+                       steps=1)
+    assert [r["lora"] for r in res.rows] == [None, "denoise.safetensors", "old_rain.safetensors"]
+    assert torch.equal(res.images[0], photos["clean.png"])
     assert pipe.adapters["restoration"]["file"].path == own
     assert "quality before -> after" in res.table()
 

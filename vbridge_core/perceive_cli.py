@@ -43,7 +43,7 @@ def add_perceive_parsers(sub) -> None:
                    "or a transformers folder")
     t.add_argument("--samples", type=int, default=None, help="degraded training crops (default: builtin 6000, "
                    "clip 400 when no --tasks)")
-    t.add_argument("--epochs", type=int, default=150, help="(builtin) passes over the training features")
+    t.add_argument("--epochs", type=int, default=120, help="(builtin) passes over the training features")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
@@ -122,7 +122,7 @@ def format_table(reports: Sequence[Any]) -> str:
 
 
 def cmd_perceive(a: argparse.Namespace) -> int:
-    from .fileio import write_json_atomic
+    from .fileio import write_text_atomic
     from .images import load_image
 
     paths = collect_inputs(a.inputs)
@@ -132,7 +132,8 @@ def cmd_perceive(a: argparse.Namespace) -> int:
         reports += fn([load_image(p)], [str(p)])
     print(format_table(reports))
     if a.json:
-        write_json_atomic(a.json, {"images": [r.to_dict() for r in reports]})
+        # the schema's own key order (file, degradation, scores, severity, quality, quality_score)
+        write_text_atomic(a.json, json.dumps({"images": [r.to_dict() for r in reports]}, indent=2) + "\n")
         logger.info("wrote %s", a.json)
     return 0
 

@@ -173,6 +173,11 @@ def make_samples(photos: Sequence[tuple[str, torch.Tensor]], count: int, seed: i
     return out
 
 
+#: Below this severity a degradation is invisible at the perceiver's scale (e.g. snow of a few sub-pixel
+#: flakes, JPEG at quality >= 91): the training label says ``clean`` (the severity target keeps the value).
+PERCEPTIBLE = 0.1
+
+
 def label_arrays(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
     """Targets of a sample list: multi-hot labels [N, 8], severities [N, 7], quality [N]."""
     from .labels import LABELS
@@ -182,9 +187,9 @@ def label_arrays(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
     q = np.zeros(len(samples), np.float32)
     for i, s in enumerate(samples):
         for f, v in s.severity.items():
-            lab[i, LABELS.index(f)] = 1.0
+            lab[i, LABELS.index(f)] = 1.0 if v >= PERCEPTIBLE else 0.0
             sev[i, FAMILIES.index(f)] = v
-        if not s.severity:
+        if not lab[i].any():
             lab[i, LABELS.index("clean")] = 1.0
         q[i] = s.quality
     return {"labels": lab, "severity": sev, "quality": q}
