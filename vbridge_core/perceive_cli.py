@@ -253,9 +253,9 @@ def cmd_restore_auto(a: argparse.Namespace, sampler_kwargs: dict[str, Any]) -> i
     plan_routes(fn(images, names), loras, force=a.force_restore)
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=a.device, dtype=parse_dtype(a.dtype),
                                       text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling,
-                                      offload=a.offload)
-    if a.compile:
-        pipe.compile()
+                                      offload=a.offload, accelerator_lora=getattr(a, "accelerator_lora", None),
+                                      accelerator_strength=getattr(a, "accelerator_strength", 1.0))
+    pipe.maybe_compile(a.compile)
     kw = dict(sampler_kwargs)
     seed = kw.pop("seed", 0)
     kw.pop("batch_size", None)
