@@ -281,6 +281,13 @@ def perceiver_output_dir() -> Path:
     return base
 
 
-def lora_root_dir() -> Path:
-    """ComfyUI's (first) ``loras`` folder; ``$VBRIDGE_MODELS_DIR/loras`` outside ComfyUI."""
-    return lora_output_dir().parent
+def lora_root_dirs() -> list[Path]:
+    """Every ``loras`` folder ComfyUI knows (models/loras and those of extra_model_paths.yaml);
+    ``$VBRIDGE_MODELS_DIR/loras`` outside ComfyUI."""
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        dirs = [Path(d) for d in fp.get_folder_paths("loras")]
+        if dirs:
+            return dirs
+        return [Path(fp.models_dir) / "loras"]
+    return [models_root() / "loras"]

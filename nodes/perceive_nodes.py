@@ -85,6 +85,18 @@ def _clip_input() -> dict[str, Any]:
         "image-to-video users already have).")})}
 
 
+def _lora_folder(name: str) -> Path:
+    """An absolute folder as given; a relative one inside the first ComfyUI ``loras`` folder holding LoRAs there."""
+    p = Path((name or "").strip())
+    if p.is_absolute():
+        return p
+    cands = [d / p for d in comfy_bridge.lora_root_dirs()]
+    for c in cands:
+        if c.is_dir() and any(c.glob("*.safetensors")):
+            return c
+    return cands[0]
+
+
 class PerceiveImage:
     """Rate each image: degradation (multi-label), severity and quality tier."""
 
@@ -174,9 +186,7 @@ class AutoRestore:
         from vbridge_core.perceive.routing import auto_restore, scan_lora_dir
 
         _check_model(vbridge_model)
-        folder = Path(lora_folder.strip()) if lora_folder and Path(lora_folder.strip()).is_absolute() \
-            else comfy_bridge.lora_root_dir() / (lora_folder or "").strip()
-        loras = scan_lora_dir(folder)
+        loras = scan_lora_dir(_lora_folder(lora_folder))
         imgs = _images(image)
         names = [f"image {i}" for i in range(len(imgs))]
         bar = comfy_bridge.ProgressBar(len(imgs), desc="V-Bridge auto restore")
