@@ -72,6 +72,8 @@ class TrainConfig:
     #: Perceive-IR's difficulty-adaptive loss: weight each pair by 1 + strength * (1 - perceived quality),
     #: normalised to mean 1 (0 = off; see vbridge_core.perceive.weighting)
     quality_weighting: float = 0.0
+    #: turbo distillation settings (:class:`.turbo.TurboSettings` as a dict); None for the other modes
+    turbo: Optional[dict[str, Any]] = None
 
     def curriculum(self) -> list[Stage]:
         """The stages of this run (a single stage when ``stages`` is not set)."""
@@ -134,8 +136,9 @@ class TrainProgress:
 
     ``kind`` is ``"step"`` after every optimizer step, ``"skipped"`` when a non-finite loss made a step
     skip, ``"validation"`` after a validation pass (``metrics`` holds PSNR/SSIM), ``"checkpoint"``
-    after a checkpoint was written (``path``), ``"stage"`` when a curriculum stage begins and
-    ``"caching"`` while latents are being encoded (``step``/``total`` count pseudo-videos then).
+    after a checkpoint was written (``path``), ``"stage"`` when a curriculum stage begins,
+    ``"caching"`` while latents are being encoded (``step``/``total`` count pseudo-videos then) and
+    ``"teacher"`` while turbo mode samples its teacher's targets (``step``/``total`` count views).
     """
 
     kind: str
