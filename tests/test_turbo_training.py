@@ -1,6 +1,6 @@
 """Turbo distillation (``train --mode turbo``): the student starts as the teacher, learns towards the
 teacher's cached 50-step outputs, records its schedule for ``--preset turbo``, resumes exactly, and its
-training-side sampler is the inference sampler."""
+training-side sampler is the inference sampler (``sampler.sample`` with ``solver="x0_renoise"``)."""
 from __future__ import annotations
 
 import pytest
@@ -113,3 +113,23 @@ def test_cli_turbo_mode_needs_a_teacher(tmp_path, capsys):
     assert err.startswith("error: ") and "not found" in err
     assert main(base + ["--teacher-lora", __file__, "--turbo-calls", "2", "--turbo-sigmas", "1,0.5,0.25"]) == 2
     assert "one entry per call" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("start", [None, 0.6])
+def test_training_sampler_is_the_inference_sampler(start):
+    """The student is trained on the states ``sampler.sample(solver="x0_renoise")`` produces at inference."""
+    from vbridge_core.sampler import SamplerSettings, sample
+
+    tr = _pipe().transformer
+    sigmas = TurboSettings(calls=4, start_sigma=start).schedule()
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(1, 48, 1, 2, 2, generator=g)
+    noise = torch.randn(1, 48, 2, 2, 2, generator=g)
+    ref_gen = torch.Generator().manual_seed(5)
+    ref = sample(tr, cond, noise, tiny_prompt_embeds(), SamplerSettings(sigmas=sigmas, start_sigma=start,
+                                                                         solver="x0_renoise"), generator=ref_gen)
+    fresh_gen = torch.Generator().manual_seed(5)
+    fresh = [torch.randn(noise.shape, generator=fresh_gen) for _ in range(len(sigmas) - 1)]
+    with torch.no_grad():
+        ours = few_step_sample(tr, cond, noise, tiny_prompt_embeds(), sigmas, start, "x0_renoise", fresh)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
