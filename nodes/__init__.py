@@ -18,6 +18,7 @@ if importlib.util.find_spec("vbridge_core") is None and _PACK_ROOT not in sys.pa
 
 from .data_nodes import ImageQualityMetrics, LoadImagePairs  # noqa: E402
 from .loader_nodes import LoadVBridge  # noqa: E402
+from .perceive_nodes import AutoRestore, PerceiveImage, TrainPerceiver  # noqa: E402
 from .restore_nodes import DriftCorrect, RestoreTrajectory  # noqa: E402
 from .train_nodes import TrainLoRA, TrainLoRASettings  # noqa: E402
 from .video_nodes import RestoreVideo, TrainStabilizer  # noqa: E402
@@ -32,6 +33,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "TrainLoRA": TrainLoRA,
     "RestoreVideo": RestoreVideo,
     "TrainStabilizer": TrainStabilizer,
+    "PerceiveImage": PerceiveImage,
+    "AutoRestore": AutoRestore,
+    "TrainPerceiver": TrainPerceiver,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadVBridge": "V-Bridge Load Model",
@@ -43,4 +47,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "TrainLoRA": "V-Bridge Train LoRA",
     "RestoreVideo": "V-Bridge Restore Video",
     "TrainStabilizer": "V-Bridge Train Stabilizer",
+    "PerceiveImage": "V-Bridge Perceive",
+    "AutoRestore": "V-Bridge Auto Restore",
+    "TrainPerceiver": "V-Bridge Train Perceiver",
 }

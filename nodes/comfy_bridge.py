@@ -264,3 +264,37 @@ def latent_previewer() -> Optional[Callable[[Any], Any]]:
             return None
 
     return preview
+
+
+#: ComfyUI model folder (``models/vbridge_perceivers``) of trained perceivers (built-in or CLIP kind).
+PERCEIVER_FOLDER = "vbridge_perceivers"
+
+
+def perceiver_output_dir() -> Path:
+    """The first ``vbridge_perceivers`` folder (registered in ComfyUI's folder_paths here, created when possible)."""
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        base = Path(fp.models_dir) / PERCEIVER_FOLDER
+        if PERCEIVER_FOLDER not in fp.folder_names_and_paths:
+            fp.folder_names_and_paths[PERCEIVER_FOLDER] = ([str(base)], {".safetensors"})
+        dirs = fp.get_folder_paths(PERCEIVER_FOLDER)
+        base = Path(dirs[0]) if dirs else base
+    else:
+        base = models_root() / PERCEIVER_FOLDER
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logger.debug("cannot create %s: %s", base, e)
+    return base
+
+
+def lora_root_dirs() -> list[Path]:
+    """Every ``loras`` folder ComfyUI knows (models/loras and those of extra_model_paths.yaml);
+    ``$VBRIDGE_MODELS_DIR/loras`` outside ComfyUI."""
+    fp = _try_import("folder_paths")
+    if fp is not None:
+        dirs = [Path(d) for d in fp.get_folder_paths("loras")]
+        if dirs:
+            return dirs
+        return [Path(fp.models_dir) / "loras"]
+    return [models_root() / "loras"]

@@ -20,7 +20,7 @@ from . import comfy_bridge
 logger = logging.getLogger(__name__)
 
 CATEGORY = "V-Bridge/training"
-MODES = ["restoration", "drift_correction"]
+MODES = ["restoration", "drift_correction", "turbo"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 #: How many loss-curve previews a run shows on the node at most.
 PREVIEWS_PER_RUN = 40
@@ -108,6 +108,27 @@ class TrainLoRASettings:
                 "restore_steps": ("INT", {"default": d["restore_steps"], "min": 1, "max": 200, "tooltip": (
                     "Drift-correction mode only: sampling steps of the restoration pass that makes the "
                     "drift-correction inputs (cached, so a resumed run does not restore again).")}),
+                "quality_weighting": ("FLOAT", {"default": d["quality_weighting"], "min": 0.0, "max": 10.0,
+                                                "step": 0.1, "tooltip": (
+                    "Quality-aware loss (Perceive-IR's difficulty-adaptive strategy): each pair's loss is weighted "
+                    "by 1 + this x its perceived difficulty (1 - quality score of its LQ, from the built-in "
+                    "perceiver), normalised to mean 1. 0 = off; 1 = the hardest pairs count up to about twice.")}),
+                "turbo_calls": ("INT", {"default": d["turbo_calls"], "min": 1, "max": 4, "tooltip": (
+                    "Turbo mode only: DiT calls per image of the student (1, 2 or 4). Restore with the 'turbo' "
+                    "preset: it reads the schedule from the student LoRA.")}),
+                "turbo_start_sigma": ("FLOAT", {"default": d["turbo_start_sigma"], "min": 0.0, "max": 0.99,
+                                                "step": 0.01, "tooltip": (
+                    "Turbo mode only: 0 = the student starts from pure noise; a value in (0, 1) starts from the "
+                    "degraded image's latent noised to that level (a shorter path).")}),
+                "turbo_solver": (["x0_renoise", "euler"], {"default": d["turbo_solver"], "tooltip": (
+                    "Turbo mode only: x0_renoise predicts the clean image at each level and re-noises it to the "
+                    "next (as step-distilled Wan models sample); euler takes flow Euler steps.")}),
+                "turbo_hq_weight": ("FLOAT", {"default": d["turbo_hq_weight"], "min": 0.0, "max": 10.0,
+                                              "step": 0.05, "tooltip": (
+                    "Turbo mode only: weight of a direct loss to the HQ images beside the loss to the teacher's "
+                    "50-step outputs (0 = imitate the teacher only).")}),
+                "teacher_steps": ("INT", {"default": d["teacher_steps"], "min": 1, "max": 200, "tooltip": (
+                    "Turbo mode only: sampling steps of the teacher's outputs (sampled once and cached).")}),
             }
         }
 
@@ -158,10 +179,11 @@ class _Progress:
             comfy_bridge.show_text(self.node_id, (
                 f"step {p.step}/{p.total} | stage {p.stage + 1} ({p.resolution} px) | loss {p.loss:.4f} "
                 f"(avg {avg:.4f}) | lr {p.lr:.2e} | {p.seconds:.0f} s"))
-        elif p.kind in ("caching", "restoring"):
+        elif p.kind in ("caching", "restoring", "teacher"):
             self.bar.update_keep_interrupt(p.step, total=max(1, p.total))
-            what = "encoding training latents" if p.kind == "caching" else "restoring training LQs (drift data)"
-            where = f" (stage {p.stage + 1}, {p.resolution} px)" if p.kind == "caching" else ""
+            what = {"caching": "encoding training latents", "restoring": "restoring training LQs (drift data)",
+                    "teacher": "sampling the teacher's outputs (turbo targets)"}[p.kind]
+            where = f" (stage {p.stage + 1}, {p.resolution} px)" if p.kind != "restoring" else ""
             comfy_bridge.show_text(self.node_id, f"{what}: {p.step}/{p.total}{where}")
         elif p.kind == "validation":
             m = p.metrics
@@ -186,7 +208,9 @@ class TrainLoRA:
         "mode restoration: learns LQ -> HQ; the prompt comes from 'conditioning' (CLIPLoader type 'wan' + "
         "CLIPTextEncode) or, if not connected, from the restoration LoRA loaded in the model. "
         "mode drift_correction: restores the training LQs with the model's restoration LoRA, then learns "
-        "restored -> HQ; no text encoder needed.\n\n"
+        "restored -> HQ; no text encoder needed. "
+        "mode turbo: distils the model's restoration LoRA (the teacher) into a LoRA that restores in 1-4 DiT "
+        "calls (restore it with the 'turbo' preset); the teacher's 50-step outputs are sampled once and cached.\n\n"
         "Progress shows the loss; Cancel writes a resumable checkpoint, and queueing again with 'resume' on "
         "continues from it. Outputs the file path, the loss curve, a validation grid (LQ | before | after | HQ) "
         "and a summary. VRAM: about 12-14 GB with gradient checkpointing at 512-960 px (see the README).")
@@ -218,7 +242,8 @@ class TrainLoRA:
                     "train one multi-task LoRA).")}),
                 "mode": (MODES, {"default": "restoration", "tooltip": (
                     "restoration: learn degraded -> clean. drift_correction: learn the short path from the "
-                    "restoration LoRA's own output to clean (train the restoration LoRA first).")}),
+                    "restoration LoRA's own output to clean (train the restoration LoRA first). turbo: distil "
+                    "the model's restoration LoRA into one that restores in 1-4 DiT calls (turbo_* settings).")}),
                 "output_name": ("STRING", {"default": "my_restoration", "tooltip": (
                     "File name of the LoRA, saved as models/loras/vbridge/<name>.safetensors (overwritten if it "
                     "exists). A plain name: no folders; characters other than letters, digits and . _ - become _.")}),
@@ -255,8 +280,9 @@ class TrainLoRA:
         """Train and return ``(lora_path, loss_curve, validation_grid, info)``."""
         from vbridge_core.errors import Cancelled, InputError
         from vbridge_core.images import bchw_to_comfy
-        from vbridge_core.train_runtime import (make_train_config, merged_settings, output_lora_path,
-                                                message_image, run_training, summary, training_prompt)
+        from vbridge_core.train_runtime import (make_train_config, make_turbo_settings, merged_settings,
+                                                message_image, output_lora_path, run_training, summary,
+                                                training_prompt)
 
         from .restore_nodes import _check_model
 
@@ -265,6 +291,7 @@ class TrainLoRA:
             raise InputError("pairs must come from 'V-Bridge Load Image Pairs' and hold at least one pair")
         s = merged_settings(settings)
         config = make_train_config(s, stages=stages, seed=int(seed), role=mode)
+        turbo = make_turbo_settings(s, seed=int(seed)) if mode == "turbo" else None
         out_path = output_lora_path(comfy_bridge.lora_output_dir(), output_name)
         pos = _conditioning_tensor(conditioning, vbridge_model, "conditioning")
         neg = _conditioning_tensor(negative, vbridge_model, "negative")
@@ -276,7 +303,7 @@ class TrainLoRA:
             result = run_training(vbridge_model, pairs, config, out_path, prompt_embeds=pos,
                                   negative_prompt_embeds=neg, metadata=meta, callback=progress,
                                   should_cancel=comfy_bridge.interrupt_requested, resume=bool(resume),
-                                  restore_steps=int(s["restore_steps"]))
+                                  restore_steps=int(s["restore_steps"]), turbo=turbo)
         except Cancelled as e:
             ckpt = getattr(e, "checkpoint", None)
             logger.warning("V-Bridge training cancelled%s", f"; resume from {ckpt}" if ckpt else "")

@@ -66,7 +66,8 @@ pytestmark = pytest.mark.skipif(
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 OUR_NODES = {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
-             "TrainLoRASettings", "TrainLoRA", "RestoreVideo", "TrainStabilizer"}
+             "TrainLoRASettings", "TrainLoRA", "RestoreVideo", "TrainStabilizer", "PerceiveImage", "AutoRestore",
+             "TrainPerceiver"}
 #: Core nodes that save a video (their UI output lists the files under "images").
 VIDEO_SAVERS = {"SaveVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
 #: Script run with ComfyUI's Python (it has PyAV): a 6-frame 48x48 H.264 clip of the degraded sample
@@ -209,8 +210,8 @@ def _write_models(models: Path) -> None:
                 layers[mod_name] = LoraLayer(down=torch.randn(4, mod.in_features, generator=g) * 0.02,
                                              up=torch.randn(mod.out_features, 4, generator=g) * 0.02, alpha=4.0)
         write_lora(models / "loras" / "vbridge" / f"{name}.safetensors", layers, rank=4, alpha=4.0,
-                   metadata={"role": role, "frames": 5, "base_model": "vbridge-tiny"}, prompt_embeds=prompt,
-                   negative_prompt_embeds=tiny_prompt_embeds(3))
+                   metadata={"role": role, "frames": 5, "base_model": "vbridge-tiny", "tasks": ["denoise"]},
+                   prompt_embeds=prompt, negative_prompt_embeds=tiny_prompt_embeds(3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +267,7 @@ def server(tmp_path_factory):
     samples = ROOT / "vbridge_core" / "assets" / "samples" / "denoise"
     shutil.copy(samples / "lq" / "shapes.png", base / "input" / "degraded.png")
     shutil.copy(samples / "hq" / "shapes.png", base / "input" / "reference.png")
+    shutil.copy(samples / "lq" / "shapes.png", base / "input" / "mixed_photo.png")  # auto_restore.json (noisy)
     subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", _CLIP_SCRIPT,
                     str(samples / "lq" / "shapes.png"), str(base / "input" / "degraded_clip.mp4")], check=True)
     _write_models(models)

@@ -90,7 +90,7 @@ def test_node_contract_and_defaults():
     t = NODES["TrainLoRA"].INPUT_TYPES()
     assert list(t["required"]) == ["vbridge_model", "pairs", "mode", "output_name", "stages", "seed", "resume"]
     assert list(t["optional"]) == ["settings", "conditioning", "negative"]
-    assert t["required"]["mode"][0] == ["restoration", "drift_correction"]
+    assert t["required"]["mode"][0] == ["restoration", "drift_correction", "turbo"]
     assert t["required"]["stages"][1]["default"] == "512:400,720:300,960:300"
     assert t["required"]["seed"][1]["control_after_generate"] is True
     assert t["required"]["resume"][1]["default"] is True

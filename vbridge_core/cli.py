@@ -1,4 +1,4 @@
-"""Command line: ``python -m vbridge_core {restore,drift-correct,train,eval,demo}``.
+"""Command line: ``python -m vbridge_core {restore,drift-correct,train,eval,demo,perceive,...}``.
 
 Every error the user can fix is printed as one line (``error: ...``) with exit code 2; a cancel
 (Ctrl-C) exits with 130. Outputs are written to temporary names and renamed, so an interrupted run
@@ -160,6 +160,10 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
     from .pipeline import VBridgePipeline
     from .parallel_restore import cmd_restore_parallel, wants_parallel
 
+    if getattr(a, "auto", False) or getattr(a, "lora_dir", None):  # per-image LoRA routing (issue 11)
+        from .perceive_cli import cmd_restore_auto
+
+        return cmd_restore_auto(a, _sampler_kwargs(a))
     if wants_parallel(a):  # torchrun / accelerate launch, or --skip-existing
         return cmd_restore_parallel(a, drift_only)
     out = ensure_writable_dir(a.out)
@@ -243,6 +247,14 @@ def _cache_cli(a: argparse.Namespace) -> int:
     return cmd_cache_calibrate(a)
 
 
+def _perceive_cli(name: str):
+    def run(a: argparse.Namespace) -> int:
+        from . import perceive_cli
+
+        return getattr(perceive_cli, name)(a)
+    return run
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -271,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(r)
     _add_sampler_args(r)
     add_skip_existing_arg(r)
+    from .perceive_cli import add_auto_restore_args, add_perceive_parsers
+
+    add_auto_restore_args(r)
 
     d = sub.add_parser("drift-correct", help="refine already restored images with a drift-correction LoRA",
                        formatter_class=fmt)
@@ -297,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_benchmark_parser(sub, _add_model_args, _add_sampler_args)
 
+    add_perceive_parsers(sub)
+
     from .eval_cli import add_eval_parser
 
     add_eval_parser(sub, fmt)
@@ -319,7 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"restore": cmd_restore, "drift-correct": lambda a: cmd_restore(a, drift_only=True),
                 "train": _cmd_train, "eval": cmd_eval, "demo": cmd_demo,
                 "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video"),
-                "cache-calibrate": _cache_cli, "benchmark": _benchmark}
+                "cache-calibrate": _cache_cli, "benchmark": _benchmark,
+                "perceive": _perceive_cli("cmd_perceive"), "train-perceiver": _perceive_cli("cmd_train_perceiver"),
+                "lora-tasks": _perceive_cli("cmd_lora_tasks")}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:

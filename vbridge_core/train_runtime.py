@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 ROLES = ("restoration", "drift_correction")
+#: What the node's ``mode`` offers: the LoRA roles, and ``turbo`` (a few-step student of the loaded restoration LoRA).
+MODES = ROLES + ("turbo",)
 #: The paper's resolution curriculum (720 is rounded down to 704 by the curriculum parser).
 DEFAULT_STAGES = "512:400,720:300,960:300"
 LORA_SUFFIX = ".safetensors"
@@ -65,6 +67,12 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "validation_steps": 20,
     "checkpoint_every": 100,
     "restore_steps": 30,
+    "quality_weighting": 0.0,
+    "turbo_calls": 4,
+    "turbo_start_sigma": 0.0,
+    "turbo_solver": "x0_renoise",
+    "turbo_hq_weight": 0.0,
+    "teacher_steps": 50,
 }
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -112,8 +120,8 @@ def make_train_config(settings: Optional[Mapping[str, Any]], *, stages: str, see
     from .training.config import TrainConfig
     from .trajectory import parse_schedule
 
-    if role not in ROLES:
-        raise InputError(f"mode must be one of {ROLES}, got {role!r}")
+    if role not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {role!r}")
     s = merged_settings(settings)
     if not isinstance(stages, str) or not stages.strip():
         raise InputError(f"stages is empty: give the resolution curriculum as resolution:steps stages, e.g. "
@@ -127,10 +135,22 @@ def make_train_config(settings: Optional[Mapping[str, Any]], *, stages: str, see
         warmup_steps=int(s["warmup_steps"]), batch_size=int(s["batch_size"]), grad_accum=int(s["grad_accum"]),
         mixed_precision=str(s["mixed_precision"]), gradient_checkpointing=bool(s["gradient_checkpointing"]),
         frames=int(s["frames"]), alpha_schedule=parse_schedule(str(s["alpha_schedule"])), shift=float(s["shift"]),
-        seed=int(seed), role=role, crops_per_pair=int(s["crops_per_pair"]), flip=bool(s["flip"]),
+        seed=int(seed), role="restoration" if role == "turbo" else role, crops_per_pair=int(s["crops_per_pair"]), flip=bool(s["flip"]),
         validation_fraction=float(s["validation_fraction"]), validation_every=int(s["validation_every"]),
-        validation_steps=int(s["validation_steps"]), checkpoint_every=int(s["checkpoint_every"]))
+        validation_steps=int(s["validation_steps"]), checkpoint_every=int(s["checkpoint_every"]),
+        quality_weighting=float(s["quality_weighting"]))
     return cfg.validate()
+
+
+def make_turbo_settings(settings: Optional[Mapping[str, Any]], *, seed: int) -> Any:
+    """The :class:`~vbridge_core.training.turbo.TurboSettings` of the front-end settings (start sigma 0 = pure noise)."""
+    from .training.turbo import TurboSettings
+
+    s = merged_settings(settings)
+    start = float(s["turbo_start_sigma"])
+    return TurboSettings(calls=int(s["turbo_calls"]), start_sigma=start if start > 0 else None,
+                         solver=str(s["turbo_solver"]), hq_weight=float(s["turbo_hq_weight"]),
+                         teacher_steps=int(s["teacher_steps"]), teacher_seed=int(seed)).validate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,11 +267,12 @@ def run_training(pipe: Any, pairs: Any, config: "TrainConfig", out_path: str | P
                  metadata: Optional[dict[str, Any]] = None,
                  callback: Optional[Callable[["TrainProgress"], None]] = None,
                  should_cancel: Optional[Callable[[], bool]] = None, resume: bool = True,
-                 restore_steps: int = 30) -> "TrainResult":
+                 restore_steps: int = 30, turbo: Any = None) -> "TrainResult":
     """Train ``config.role``'s LoRA into ``out_path`` (see the module docstring for resume and clean-up).
 
     Drift-correction mode uses the restoration LoRA loaded on ``pipe`` (error if none) to make its
-    inputs; the pipeline's adapters are left as they were. Runs outside inference mode.
+    inputs; with ``turbo`` (:class:`~vbridge_core.training.turbo.TurboSettings`) that LoRA is the teacher of
+    a few-step student. The pipeline's adapters are left as they were. Runs outside inference mode.
     :class:`~vbridge_core.training.loop.TrainingCancelled` propagates with its checkpoint.
     """
     import torch
@@ -261,6 +282,9 @@ def run_training(pipe: Any, pairs: Any, config: "TrainConfig", out_path: str | P
     out_path = Path(out_path)
     if config.role == "drift_correction" and restoration_lora_file(pipe) is None:
         raise InputError("drift-correction training needs the restoration LoRA it corrects: pick it as "
+                         "'restoration_lora' in 'V-Bridge Load Model' (train one first with mode 'restoration')")
+    if turbo is not None and restoration_lora_file(pipe) is None:
+        raise InputError("turbo training distils the restoration LoRA loaded in the model: pick it as "
                          "'restoration_lora' in 'V-Bridge Load Model' (train one first with mode 'restoration')")
     if not resume:
         n = remove_checkpoints(out_path)
@@ -286,6 +310,11 @@ def run_training(pipe: Any, pairs: Any, config: "TrainConfig", out_path: str | P
                 result = train_drift_lora(pipe, pairs, lora, config, out_path,
                                           restore_settings=dict(steps=int(restore_steps), seed=config.seed,
                                                                 frames=frames),
+                                          cache_dir=checkpoint_dir(out_path) / "cache", **kw)
+            elif turbo is not None:
+                from .training.turbo import train_turbo_lora
+
+                result = train_turbo_lora(pipe, pairs, restoration_lora_file(pipe), config, out_path, turbo=turbo,
                                           cache_dir=checkpoint_dir(out_path) / "cache", **kw)
             else:
                 from .training.loop import train_lora

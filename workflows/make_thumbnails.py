@@ -45,7 +45,7 @@ LINK_COLOURS = {  # close to ComfyUI's default link colours
     "FLOAT": (170, 170, 255),
 }
 OUR_PREFIXES = ("LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
-                "TrainLoRA", "RestoreVideo", "TrainStabilizer")
+                "TrainLoRA", "RestoreVideo", "TrainStabilizer", "PerceiveImage", "AutoRestore", "TrainPerceiver")
 NOTE_TYPES = ("Note", "MarkdownNote")
 
 

@@ -1,4 +1,5 @@
-"""``python -m vbridge_core train``: train a restoration LoRA, or (``--mode drift``) its drift-correction LoRA.
+"""``python -m vbridge_core train``: train a restoration LoRA, (``--mode drift``) its drift-correction LoRA, or
+(``--mode turbo``) a few-step student of a restoration LoRA.
 
 Single GPU::
 
@@ -6,6 +7,8 @@ Single GPU::
         --model Wan2.2-TI2V-5B-Diffusers --text-encoder umt5_xxl_fp16.safetensors --stages 512:400,720:300,960:300
     python -m vbridge_core train --mode drift --pairs data/ --restoration-lora models/loras/vbridge/my_restore.safetensors \\
         --out models/loras/vbridge/my_drift.safetensors --model Wan2.2-TI2V-5B-Diffusers --stages 960:300
+    python -m vbridge_core train --mode turbo --pairs data/ --teacher-lora models/loras/vbridge/my_restore.safetensors \\
+        --turbo-calls 4 --out models/loras/vbridge/my_restore_turbo.safetensors --model Wan2.2-TI2V-5B-Diffusers
 
 Several GPUs (data parallel; each process takes its slice of every global batch)::
 
@@ -54,11 +57,26 @@ def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     o = t.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors), e.g. "
                    "ComfyUI/models/loras/vbridge/name.safetensors")
-    o.add_argument("--mode", choices=["restoration", "drift"], default="restoration",
-                   help="drift: train the drift-correction LoRA on the restoration LoRA's outputs")
+    o.add_argument("--mode", choices=["restoration", "drift", "turbo"], default="restoration",
+                   help="drift: train the drift-correction LoRA on the restoration LoRA's outputs; turbo: distil "
+                   "--teacher-lora into a LoRA that restores in --turbo-calls DiT calls (restore --preset turbo)")
     o.add_argument("--restoration-lora", metavar="FILE", help="(--mode drift) the trained restoration LoRA")
     o.add_argument("--restore-steps", type=int, default=30, help="(--mode drift) sampling steps of the restoration "
                    "pass that makes the drift-correction inputs")
+    tb = t.add_argument_group("turbo distillation (--mode turbo)")
+    tb.add_argument("--teacher-lora", metavar="FILE", help="the restoration LoRA to distil (its 50-step outputs on the "
+                    "training LQs are sampled once and cached)")
+    tb.add_argument("--turbo-calls", type=int, choices=[1, 2, 4], default=4, help="DiT calls per image of the student")
+    tb.add_argument("--turbo-sigmas", default=None, help="comma-separated noise levels, one per call, decreasing "
+                    "(default: evenly spaced from the start level, e.g. 1,0.75,0.5,0.25)")
+    tb.add_argument("--turbo-start-sigma", type=float, default=None, help="start from the LQ latent noised to this "
+                    "level instead of pure noise (0..1; the sigmas then begin at it)")
+    tb.add_argument("--turbo-solver", choices=["x0_renoise", "euler"], default="x0_renoise",
+                    help="x0_renoise: predict the clean latent at each level and re-noise it to the next (as "
+                    "DMD-distilled Wan bases sample); euler: flow Euler steps between the levels")
+    tb.add_argument("--turbo-hq-weight", type=float, default=0.0, help="add this multiple of the MSE to the HQ "
+                    "latent to the MSE to the teacher's output")
+    tb.add_argument("--teacher-steps", type=int, default=50, help="sampling steps of the teacher's targets")
     o.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps (0: never)")
     o.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
     o.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file, its folder, or 'auto'")
@@ -91,6 +109,9 @@ def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     m.add_argument("--shift", type=float, default=5.0, help="flow shift of the noise-level sampling")
     m.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    m.add_argument("--quality-weighting", type=float, default=0.0, metavar="STRENGTH",
+                   help="quality-aware loss (Perceive-IR): weight each pair by 1 + STRENGTH x its perceived difficulty "
+                   "(1 - quality score of its LQ), normalised to mean 1; 0 = off, 1 = hardest pairs up to ~2x")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory, slower)")
     m.add_argument("--prompt", default=None, help="training prompt (default: the V-Bridge release prompt; needs "
                    "--text-encoder)")
@@ -125,8 +146,8 @@ def _prompt_embeddings(a: argparse.Namespace, pipe) -> tuple[torch.Tensor, Optio
         if pos is None:
             raise InputError(f"{p} holds no prompt embedding ('prompt_embeds' or '{PROMPT_EMBEDS_KEY}')")
         return pos, neg, {"prompt": f"(embedding from {p.name})"}
-    if a.mode == "drift" and not a.text_encoder:
-        return None, None, {}  # the restoration LoRA's own embeddings
+    if a.mode in ("drift", "turbo") and not a.text_encoder:
+        return None, None, {}  # the restoration / teacher LoRA's own embeddings
     if not a.text_encoder:
         raise InputError("training needs the prompt embedding: give --text-encoder (umt5-xxl file or diffusers folder) "
                          "to encode --prompt (default: the V-Bridge release prompt), or --prompt-embeds FILE (a "
@@ -150,7 +171,28 @@ def _config(a: argparse.Namespace):
         role="drift_correction" if a.mode == "drift" else "restoration", crop_mode=a.crop_mode, flip=not a.no_flip,
         crops_per_pair=a.crops_per_pair, validation_fraction=a.val_fraction, validation_every=a.val_every,
         validation_steps=a.val_steps, validation_resolution=a.val_resolution, checkpoint_every=a.checkpoint_every,
-        keep_checkpoints=a.keep_checkpoints, cache_dir=a.cache_dir).validate()
+        keep_checkpoints=a.keep_checkpoints, cache_dir=a.cache_dir,
+        quality_weighting=a.quality_weighting).validate()
+
+
+def _turbo_settings(a: argparse.Namespace):
+    """The turbo settings of ``--mode turbo`` (checked before the model loads), else None."""
+    if a.mode != "turbo":
+        return None
+    from .turbo import TurboSettings
+
+    if not a.teacher_lora:
+        raise InputError("--mode turbo needs --teacher-lora FILE (the restoration LoRA to distil)")
+    if not Path(a.teacher_lora).is_file():
+        raise InputError(f"--teacher-lora {a.teacher_lora} not found")
+    sigmas = None
+    if a.turbo_sigmas:
+        try:
+            sigmas = [float(x) for x in a.turbo_sigmas.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--turbo-sigmas must be comma-separated numbers, got {a.turbo_sigmas!r}") from None
+    return TurboSettings(calls=a.turbo_calls, sigmas=sigmas, start_sigma=a.turbo_start_sigma, solver=a.turbo_solver,
+                         hq_weight=a.turbo_hq_weight, teacher_steps=a.teacher_steps, teacher_seed=a.seed).validate()
 
 
 def _synthesise_pairs(a: argparse.Namespace, is_main: bool, barrier: Callable[[], None]) -> Path:
@@ -180,6 +222,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise InputError("give --pairs DIR (lq/ and hq/ folders) or --from-clean DIR with --degradations")
     if a.mode == "drift" and not a.restoration_lora:
         raise InputError("--mode drift needs --restoration-lora FILE (the LoRA trained with --mode restoration)")
+    turbo = _turbo_settings(a)
     cfg = _config(a)
     if a.resume:
         from .checkpoint import find_resume
@@ -201,6 +244,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, device=device, dtype=parse_dtype(a.dtype),
                                       text_encoder=a.text_encoder, tokenizer=a.tokenizer, vae_tiling=a.vae_tiling)
     pos, neg, meta = _prompt_embeddings(a, pipe)
+    if a.from_clean:  # restore --auto reads the degradations a LoRA was trained on (issue 11)
+        meta["degradations"] = [n.strip() for n in a.degradations.split(",") if n.strip()]
 
     stop = {"requested": False}
 
@@ -220,6 +265,11 @@ def cmd_train(a: argparse.Namespace) -> int:
             res = train_drift_lora(pipe, pairs, a.restoration_lora, cfg, a.out, prompt_embeds=pos,
                                    negative_prompt_embeds=neg, restore_settings=dict(steps=a.restore_steps, seed=a.seed),
                                    cache_dir=a.cache_dir, **kw)
+        elif a.mode == "turbo":
+            from .turbo import train_turbo_lora
+
+            res = train_turbo_lora(pipe, pairs, a.teacher_lora, cfg, a.out, turbo=turbo, prompt_embeds=pos,
+                                   negative_prompt_embeds=neg, cache_dir=a.cache_dir, **kw)
         else:
             res = train_lora(pipe, pairs, cfg, a.out, prompt_embeds=pos, negative_prompt_embeds=neg, **kw)
     finally:

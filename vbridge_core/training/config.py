@@ -69,6 +69,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 0
     cache_dir: Optional[str] = None
+    #: Perceive-IR's difficulty-adaptive loss: weight each pair by 1 + strength * (1 - perceived quality),
+    #: normalised to mean 1 (0 = off; see vbridge_core.perceive.weighting)
+    quality_weighting: float = 0.0
+    #: turbo distillation settings (:class:`.turbo.TurboSettings` as a dict); None for the other modes
+    turbo: Optional[dict[str, Any]] = None
 
     def curriculum(self) -> list[Stage]:
         """The stages of this run (a single stage when ``stages`` is not set)."""
@@ -110,6 +115,8 @@ class TrainConfig:
             raise InputError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if not (0 <= self.validation_fraction < 1):
             raise InputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not (0.0 <= float(self.quality_weighting) <= 10.0):
+            raise InputError(f"quality_weighting must be in 0..10 (0 = off), got {self.quality_weighting}")
         if not list(self.target_modules):
             raise InputError("target_modules must name at least one module (e.g. to_q,to_k,to_v,to_out.0)")
         self.curriculum()
@@ -129,8 +136,9 @@ class TrainProgress:
 
     ``kind`` is ``"step"`` after every optimizer step, ``"skipped"`` when a non-finite loss made a step
     skip, ``"validation"`` after a validation pass (``metrics`` holds PSNR/SSIM), ``"checkpoint"``
-    after a checkpoint was written (``path``), ``"stage"`` when a curriculum stage begins and
-    ``"caching"`` while latents are being encoded (``step``/``total`` count pseudo-videos then).
+    after a checkpoint was written (``path``), ``"stage"`` when a curriculum stage begins,
+    ``"caching"`` while latents are being encoded (``step``/``total`` count pseudo-videos then) and
+    ``"teacher"`` while turbo mode samples its teacher's targets (``step``/``total`` count views).
     """
 
     kind: str

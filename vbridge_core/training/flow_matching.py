@@ -19,11 +19,12 @@ def sample_sigmas(batch: int, shift: float, generator: torch.Generator | None = 
 
 
 def flow_matching_loss(transformer: torch.nn.Module, latents: torch.Tensor, prompt_embeds: torch.Tensor,
-                       sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+                       sigmas: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the predicted and the true velocity on latent frames 1.. of ``latents``.
 
     ``latents`` ``[B, C, T, h, w]`` (T >= 2), ``sigmas`` ``[B]``, ``noise`` like ``latents``,
     ``prompt_embeds`` ``[1 or B, L, D]``. Runs in the transformer's dtype; the loss is fp32.
+    ``weights`` ``[B]`` (optional) weight each sample's mean squared error (quality-aware training).
     """
     b = latents.shape[0]
     dtype = compute_dtype(transformer)
@@ -37,4 +38,7 @@ def flow_matching_loss(transformer: torch.nn.Module, latents: torch.Tensor, prom
     pred = transformer(hidden_states=model_in.to(dtype), timestep=ts.to(latents.device),
                        encoder_hidden_states=ctx.to(latents.device, dtype), return_dict=False)[0]
     target = noise - latents
+    if weights is not None:
+        per = (pred[:, :, 1:].float() - target[:, :, 1:].float()).pow(2).flatten(1).mean(1)
+        return (per * weights.to(per)).mean()
     return torch.nn.functional.mse_loss(pred[:, :, 1:].float(), target[:, :, 1:].float())

@@ -119,7 +119,7 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
                negative_prompt_embeds: Optional[torch.Tensor] = None, metadata: Optional[dict[str, Any]] = None,
                callback: Optional[ProgressCallback] = None, should_cancel: Optional[Callable[[], bool]] = None,
                resume: Optional[str | Path] = None, validation_pairs: Any = None, accelerator: Any = None,
-               write_plots: bool = True) -> TrainResult:
+               write_plots: bool = True, objective: Any = None) -> TrainResult:
     """Train a LoRA on ``pipe.transformer`` and write it to ``out_path``; see the module docstring.
 
     ``pairs``: a folder, a :class:`~vbridge_core.pairs.PairSet`, a :class:`.TrainingPairs` or a list
@@ -131,6 +131,10 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
 
     The adapter is trained on the bare base (other adapters of ``pipe`` are switched off meanwhile)
     and removed afterwards, so the pipeline is left as it was.
+
+    ``objective`` replaces the flow-matching loss (e.g. :class:`.turbo.TurboObjective`): its
+    ``setup``/``prepare_stage``/``loss``/``validation_sample``/``teardown`` hooks run at the
+    matching points of the loop; everything else (curriculum, checkpoints, resume) stays the same.
     """
     from peft import LoraConfig
 
@@ -165,6 +169,11 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
                 "(%d steps), %d process(es)", config.role, len(train_set), len(train_set.tasks), len(val_set),
                 format_stages(stages), total, world)
     folder = ckpt.checkpoint_dir(out_path)
+    weights = None
+    if config.quality_weighting:  # per-pair loss weights from the perceived difficulty, computed once
+        from ..perceive.weighting import pair_weights
+
+        weights = pair_weights(train_set, config.quality_weighting)
 
     # ---------------------------------------------------------------- model
     transformer = pipe.transformer
@@ -192,6 +201,8 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
         if not had_gc and config.gradient_checkpointing and hasattr(transformer, "disable_gradient_checkpointing"):
             transformer.disable_gradient_checkpointing()
         remove_lora(transformer, TRAIN_ADAPTER)
+        if objective is not None:
+            objective.teardown(pipe)
         for p in transformer.parameters():
             p.requires_grad_(False)
         pipe._activate(None)
@@ -205,6 +216,8 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
     prompt = pad_prompt_embeds(prompt_embeds).to(pipe.device)  # trained as the official model sees prompts
 
     try:  # a failure before the loop (e.g. a refused resume) must still remove the adapter
+        if objective is not None:
+            objective.setup(pipe, TRAIN_ADAPTER, prompt)
         losses: list[float] = []
         skipped: list[int] = []
         history: list[dict[str, Any]] = []
@@ -285,6 +298,8 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
             val_res = config.validation_resolution or stages[-1].resolution
             with vae_on(pipe):
                 val = _ValidationHolder.build(pipe, val_set, val_res, config)
+            if objective is not None:
+                val.sample_fn = objective.validation_sample
             set_active_loras(transformer, {})
             before_outs = validate(start, "base")
             if start:
@@ -316,6 +331,9 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
                                           progress=lambda d, n: report(TrainProgress("caching", d, n, stage=si,
                                                                                       resolution=stage.resolution)))
                 cache_stage = si
+                if objective is not None:
+                    objective.prepare_stage(pipe, cache, si, stage.resolution, report, is_main=is_main,
+                                            barrier=acc.wait_for_everyone)
                 logger.info("stage %d/%d: %d px from step %d, latents %s", si + 1, len(stages), stage.resolution,
                             stage_start(stages, si), describe(cache))
             lr = config.learning_rate * lr_factor(step, total, config.warmup_steps, config.lr_schedule)
@@ -325,16 +343,21 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
             finite = True
             gb = world * config.batch_size
             for _ in range(config.grad_accum):
-                pi = torch.randint(len(cache), (gb,), generator=gen)
-                vi = torch.randint(len(cache[0]), (gb,), generator=gen)
-                sig = sample_sigmas(gb, config.shift, gen)
-                shape = (gb,) + tuple(cache[0][0].shape[1:])
-                noise = torch.randn(shape, generator=gen)
                 mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
-                z = torch.cat([cache[int(p)][int(v)] for p, v in zip(pi[mine], vi[mine])]).to(pipe.device)
-                with _autocast(pipe, config):
-                    loss = flow_matching_loss(transformer, z, prompt, sig[mine].to(pipe.device),
-                                              noise[mine].to(pipe.device))
+                if objective is not None:
+                    with _autocast(pipe, config):
+                        loss = objective.loss(transformer, cache, gen, gb, mine, pipe.device)
+                else:
+                    pi = torch.randint(len(cache), (gb,), generator=gen)
+                    vi = torch.randint(len(cache[0]), (gb,), generator=gen)
+                    sig = sample_sigmas(gb, config.shift, gen)
+                    shape = (gb,) + tuple(cache[0][0].shape[1:])
+                    noise = torch.randn(shape, generator=gen)
+                    z = torch.cat([cache[int(p)][int(v)] for p, v in zip(pi[mine], vi[mine])]).to(pipe.device)
+                    with _autocast(pipe, config):
+                        loss = flow_matching_loss(transformer, z, prompt, sig[mine].to(pipe.device),
+                                                  noise[mine].to(pipe.device),
+                                                  None if weights is None else weights[pi[mine]].to(pipe.device))
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     finite = False

@@ -35,6 +35,8 @@ class ValidationSet:
         self.reachable: list[torch.Tensor] = []
         self.names = pairs.names
         self.config = config
+        #: ``f(transformer, cond, noise, prompt, seed) -> latents`` replacing the sampler (turbo students)
+        self.sample_fn = None
         for i in range(len(pairs)):
             lq, hq = center_view(*pairs.load(i), resolution, config.crop_mode)
             self.lqs.append(lq)
@@ -56,7 +58,10 @@ class ValidationSet:
             cond = pipe.encode_condition(lq[None])
             _, c, _, h, w = cond.shape
             noise = torch.randn((1, c, n_lat, h, w), generator=torch.Generator().manual_seed(seed + i)).to(pipe.device)
-            lat = sample(pipe.transformer, cond, noise, prompt_embeds, settings)
+            if self.sample_fn is not None:
+                lat = self.sample_fn(pipe.transformer, cond, noise, prompt_embeds, seed + i)
+            else:
+                lat = sample(pipe.transformer, cond, noise, prompt_embeds, settings)
             out = pipe.decode(lat)[0, :, -1].cpu()
             outs.append(out)
             scores["psnr"].append(float(psnr(out, hq)))

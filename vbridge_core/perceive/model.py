@@ -1,0 +1,213 @@
+"""The built-in perceiver: hand-crafted statistics -> a small MLP -> labels, severities, quality.
+
+:class:`PerceiverNet` is the network (feature standardisation, two hidden layers, three heads:
+8 label logits (multi-label, sigmoid), 7 severities (sigmoid, 0 where a family is absent) and the
+quality score (sigmoid)). :class:`Perceiver` runs it on whole images of any size: the image is
+checked (finite values, 1/3/4 channels, at least :data:`MIN_SIDE` px), a copy of a huge image is
+downscaled to :data:`MAX_SIDE` on its long side, up to 3 x 3 crops of :data:`CROP` px are taken at
+native scale on an even grid, and their outputs are averaged. The weights ship in the package as
+``perceiver.safetensors`` (written by ``python -m vbridge_core train-perceiver``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError, ModelFileError
+from .features import FEATURE_NAMES, crop_features
+from .labels import FAMILIES, LABELS, tier_of
+
+logger = logging.getLogger(__name__)
+
+#: The shipped weights.
+BUILTIN_PATH = Path(__file__).with_name("perceiver.safetensors")
+#: Crop side the perceiver looks at (native pixels).
+CROP = 128
+#: Smallest image side that still carries enough pixels to judge.
+MIN_SIDE = 24
+#: Long side above which the perceiver works on a downscaled copy (bounded time and memory).
+MAX_SIDE = 2048
+#: At most this many crops per axis.
+GRID = 3
+FORMAT = "vbridge-perceiver-mlp"
+
+
+class PerceiverNet(nn.Module):
+    """Standardised features -> MLP -> (label logits [B, 8], severity [B, 7], quality [B])."""
+
+    def __init__(self, n_features: int = len(FEATURE_NAMES), hidden: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(n_features))
+        self.register_buffer("feat_std", torch.ones(n_features))
+        self.body = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Dropout(0.1),
+                                  nn.Linear(hidden, hidden), nn.GELU())
+        self.labels = nn.Linear(hidden, len(LABELS))
+        self.severity = nn.Linear(hidden, len(FAMILIES))
+        self.quality = nn.Linear(hidden, 1)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.body((feats - self.feat_mean) / self.feat_std)
+        return self.labels(h), torch.sigmoid(self.severity(h)), torch.sigmoid(self.quality(h))[:, 0]
+
+
+@dataclass
+class PerceptionReport:
+    """What the perceiver says about one image (the CLI's JSON entry, see :meth:`to_dict`)."""
+
+    file: str
+    degradation: str
+    scores: dict[str, float]
+    severity: dict[str, float]
+    quality: str
+    quality_score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"file", "degradation", "scores", "severity", "quality", "quality_score"}`` (rounded)."""
+        return {"file": self.file, "degradation": self.degradation,
+                "scores": {k: round(v, 4) for k, v in self.scores.items()},
+                "severity": {k: round(v, 4) for k, v in self.severity.items()},
+                "quality": self.quality, "quality_score": round(self.quality_score, 4)}
+
+    def present(self, threshold: float = 0.5) -> list[str]:
+        """Every family with a probability >= ``threshold`` (the multi-label answer), strongest first."""
+        fams = [f for f in FAMILIES if self.scores[f] >= threshold]
+        return sorted(fams, key=lambda f: -self.scores[f])
+
+
+def report_from_outputs(file: str, probs: torch.Tensor, severity: torch.Tensor, quality: float) -> PerceptionReport:
+    """Build a report from averaged outputs: ``probs`` [8], ``severity`` [7], ``quality`` in 0..1."""
+    scores = {lab: float(p) for lab, p in zip(LABELS, probs)}
+    sev = {f: float(s) for f, s in zip(FAMILIES, severity)}
+    top = max(LABELS, key=lambda k: scores[k])
+    return PerceptionReport(file=file, degradation=top, scores=scores, severity=sev, quality=tier_of(quality),
+                            quality_score=float(quality))
+
+
+def prepare_image(image: Any, what: str = "image") -> torch.Tensor:
+    """Check one image and return it as float32 ``[3, H, W]`` in 0..1, long side <= :data:`MAX_SIDE`.
+
+    Accepts ``[C, H, W]`` with C = 1 (gray), 3 or 4 (alpha dropped), or a 2-D gray ``[H, W]``.
+    """
+    if not isinstance(image, torch.Tensor):
+        raise InputError(f"{what}: expected an image tensor, got {type(image).__name__}")
+    x = image
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
+        raise InputError(f"{what}: expected an image [C, H, W] with 1, 3 or 4 channels, got shape {tuple(image.shape)}")
+    if not x.is_floating_point():
+        x = x.float() / (255.0 if x.dtype == torch.uint8 else 65535.0)
+    x = x.detach().to("cpu", torch.float32)
+    h, w = x.shape[-2:]
+    if min(h, w) < MIN_SIDE:
+        raise InputError(f"{what} is {w}x{h} px: too small to judge its degradation (the perceiver needs at least "
+                         f"{MIN_SIDE} px on each side); upscale it or leave it out")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{what} holds {bad} NaN/inf value(s); fix the node or file that produced it "
+                         "(images must be finite values in 0..1)")
+    x = x[:3] if x.shape[0] == 4 else (x.expand(3, -1, -1) if x.shape[0] == 1 else x)
+    x = x.clamp(0.0, 1.0)
+    if max(h, w) > MAX_SIDE:
+        f = MAX_SIDE / max(h, w)
+        size = (max(MIN_SIDE, round(h * f)), max(MIN_SIDE, round(w * f)))
+        logger.info("%s is %dx%d px: perceiving a copy downscaled to %dx%d", what, w, h, size[1], size[0])
+        x = F.interpolate(x[None], size=size, mode="area")[0]
+    return x.contiguous()
+
+
+def grid_crops(x: torch.Tensor, crop: int = CROP, grid: int = GRID) -> torch.Tensor:
+    """Up to ``grid`` x ``grid`` square crops of side ``min(crop, H, W)`` evenly spread over ``x`` -> [N, 3, c, c]."""
+    h, w = x.shape[-2:]
+    c = min(crop, h, w)
+    ny, nx = min(grid, math.ceil(h / c)), min(grid, math.ceil(w / c))
+    tops = [round(i * (h - c) / max(1, ny - 1)) for i in range(ny)] if ny > 1 else [(h - c) // 2]
+    lefts = [round(j * (w - c) / max(1, nx - 1)) for j in range(nx)] if nx > 1 else [(w - c) // 2]
+    return torch.stack([x[:, t:t + c, l:l + c] for t in tops for l in lefts])
+
+
+class Perceiver:
+    """The built-in perceiver (see the module docstring). ``Perceiver.builtin()`` loads the shipped weights."""
+
+    _cache: dict[str, "Perceiver"] = {}
+
+    def __init__(self, net: PerceiverNet, info: Optional[dict[str, Any]] = None) -> None:
+        self.net = net.eval()
+        self.info = info or {}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def load(cls, path: str | Path) -> "Perceiver":
+        """Read a perceiver file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise ModelFileError(f"perceiver file {p} not found; train one with `python -m vbridge_core train-perceiver`")
+        try:
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for a corrupt header
+            raise ModelFileError(f"{p} is not a readable safetensors file: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise ModelFileError(f"{p} is not a built-in perceiver file (format {meta.get('format')!r}); a CLIP "
+                                 "perceiver is used with a CLIP vision model (ClipPerceiver)")
+        if json.loads(meta.get("features", "[]")) != list(FEATURE_NAMES):
+            raise ModelFileError(f"{p} was trained on another feature set; retrain it with this version "
+                                 "(`python -m vbridge_core train-perceiver`)")
+        net = PerceiverNet(len(FEATURE_NAMES), int(meta.get("hidden", 128)))
+        net.load_state_dict(state)
+        return cls(net, json.loads(meta.get("info", "{}")))
+
+    @classmethod
+    def builtin(cls) -> "Perceiver":
+        """The shipped perceiver (loaded once per process)."""
+        key = str(BUILTIN_PATH)
+        if key not in cls._cache:
+            cls._cache[key] = cls.load(BUILTIN_PATH)
+        return cls._cache[key]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the weights and a description atomically as safetensors."""
+        from ..fileio import save_safetensors_atomic
+
+        meta = {"format": FORMAT, "features": json.dumps(list(FEATURE_NAMES)), "labels": json.dumps(list(LABELS)),
+                "hidden": str(self.net.body[0].out_features), "info": json.dumps(self.info)}
+        return save_safetensors_atomic(self.net.state_dict(), path, metadata=meta)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def outputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-crop (probabilities [N, 8], severity [N, 7], quality [N]) from features [N, D]."""
+        logits, sev, q = self.net(feats)
+        return torch.sigmoid(logits), sev, q
+
+    def perceive(self, images: Iterable[torch.Tensor] | torch.Tensor,
+                 names: Optional[Sequence[str]] = None) -> list[PerceptionReport]:
+        """One :class:`PerceptionReport` per image (``[B, C, H, W]`` batch or a list of ``[C, H, W]``)."""
+        imgs = list(images)
+        names = list(names) if names is not None else [f"image {i}" for i in range(len(imgs))]
+        if len(names) != len(imgs):
+            raise InputError(f"{len(imgs)} images but {len(names)} names")
+        reports = []
+        for name, img in zip(names, imgs):
+            x = prepare_image(img, name)
+            crops = grid_crops(x)
+            probs, sev, q = self.outputs(crop_features(crops))
+            reports.append(report_from_outputs(name, probs.mean(0), sev.mean(0), float(q.mean())))
+        return reports
+
+
+def perceive(images: Iterable[torch.Tensor] | torch.Tensor, names: Optional[Sequence[str]] = None,
+             perceiver: Any = None) -> list[PerceptionReport]:
+    """Perceive ``images`` with ``perceiver`` (default: the built-in one)."""
+    return (perceiver or Perceiver.builtin()).perceive(images, names)

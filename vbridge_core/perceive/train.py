@@ -1,0 +1,117 @@
+"""Train the built-in perceiver (seeded, CPU, a few minutes): ``python -m vbridge_core train-perceiver``.
+
+Steps: draw degraded crops from the training photos (:mod:`.synth`), compute their statistics
+(:mod:`.features`), fit :class:`.model.PerceiverNet` with binary cross-entropy on the labels plus
+squared errors on severity and quality, and write the safetensors file. The shipped
+``perceiver.safetensors`` comes from ``train_builtin(seed=0)`` with the defaults.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .features import crop_features
+from .labels import FAMILIES
+from .model import PerceiverNet, Perceiver
+from .synth import Sample, clean_photos, label_arrays, make_samples
+
+logger = logging.getLogger(__name__)
+
+#: Crop sides of the training samples (the perceiver looks at 128 px crops, smaller images whole).
+TRAIN_SIZES: tuple[int, ...] = (128, 128, 96, 64)
+
+
+def sample_features(samples: Sequence[Sample], batch: int = 64) -> torch.Tensor:
+    """Features of samples (grouped by size so crops batch together) -> [N, D] in input order."""
+    out: list[Optional[torch.Tensor]] = [None] * len(samples)
+    by_size: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_size.setdefault(tuple(s.image.shape), []).append(i)
+    for idx in by_size.values():
+        for k in range(0, len(idx), batch):
+            chunk = idx[k:k + batch]
+            feats = crop_features(torch.stack([samples[i].image for i in chunk]))
+            for i, f in zip(chunk, feats):
+                out[i] = f
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def build_training_set(count: int, seed: int, photos: Optional[list] = None,
+                       progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """``count`` degraded crops from the training photos -> (features [N, D], targets)."""
+    photos = photos if photos is not None else clean_photos("train")
+    per = max(1, count // len(TRAIN_SIZES))
+    feats, samples_all = [], []
+    for k, size in enumerate(TRAIN_SIZES):
+        n = per if k < len(TRAIN_SIZES) - 1 else count - per * (len(TRAIN_SIZES) - 1)
+        done = 0
+        while done < n:  # in chunks so progress can be reported and memory stays small
+            m = min(256, n - done)
+            samples = make_samples(photos, m, seed=seed * 7919 + k * 104729 + done, size=size)
+            feats.append(sample_features(samples))
+            samples_all += [Sample(torch.empty(0), s.families, s.severity, s.names) for s in samples]
+            done += m
+            if progress is not None:
+                progress(len(samples_all), count)
+    return torch.cat(feats), label_arrays(samples_all)
+
+
+def fit_net(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int = 0, epochs: int = 120,
+            hidden: int = 128, lr: float = 3e-3, batch: int = 512) -> PerceiverNet:
+    """Fit a :class:`PerceiverNet` to features and targets (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    net = PerceiverNet(feats.shape[1], hidden)
+    net.feat_mean.copy_(feats.mean(0))
+    net.feat_std.copy_(feats.std(0).clamp(min=1e-4))
+    lab = torch.from_numpy(targets["labels"])
+    sev = torch.from_numpy(targets["severity"])
+    q = torch.from_numpy(targets["quality"])
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    n = feats.shape[0]
+    steps = epochs * max(1, n // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    net.train()
+    for step in range(steps):
+        i = torch.randint(n, (batch,), generator=gen)
+        logits, s, qq = net(feats[i])
+        loss = F.binary_cross_entropy_with_logits(logits, lab[i]) + 2.0 * F.mse_loss(s, sev[i]) \
+            + 2.0 * F.mse_loss(qq, q[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            logger.info("perceiver fit step %d/%d loss %.4f", step + 1, steps, float(loss.detach()))
+    return net.eval()
+
+
+def train_builtin(out: str | Path, seed: int = 0, count: int = 6000, epochs: int = 120,
+                  threads: Optional[int] = None) -> tuple[Perceiver, dict[str, Any]]:
+    """Train the built-in perceiver on degraded crops of the training photos and write it to ``out``."""
+    if count < 200:
+        raise InputError(f"--samples must be at least 200 for a usable perceiver, got {count}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    feats, targets = build_training_set(count, seed, progress=lambda d, n: logger.info("samples %d/%d", d, n))
+    t1 = time.perf_counter()
+    net = fit_net(feats, targets, seed=seed, epochs=epochs)
+    with torch.no_grad():
+        pred = torch.sigmoid(net(feats)[0]).numpy()
+    top_true = np.where(targets["labels"][:, :len(FAMILIES)].sum(1) == 0, len(FAMILIES),
+                        np.argmax(targets["severity"] * targets["labels"][:, :len(FAMILIES)], 1))
+    info = {"seed": seed, "samples": count, "epochs": epochs, "train_top1": float((pred.argmax(1) == top_true).mean()),
+            "seconds_data": round(t1 - t0, 1), "seconds_fit": round(time.perf_counter() - t1, 1),
+            "photos": "scikit-image bundled photos (train split) + vbridge_core/assets/samples"}
+    perc = Perceiver(net, info)
+    perc.save(out)
+    logger.info("wrote perceiver %s (%s)", out, info)
+    return perc, info
