@@ -212,6 +212,10 @@ def _write_models(models: Path) -> None:
         write_lora(models / "loras" / "vbridge" / f"{name}.safetensors", layers, rank=4, alpha=4.0,
                    metadata={"role": role, "frames": 5, "base_model": "vbridge-tiny", "tasks": ["denoise"]},
                    prompt_embeds=prompt, negative_prompt_embeds=tiny_prompt_embeds(3))
+    # the accelerator restore_turbo.json names, in FastWan's ComfyUI LoRA key layout (tiny_files.fastwan_style_lora)
+    from tiny_files import fastwan_style_lora
+
+    fastwan_style_lora(models / "loras" / "Wan2_2_5B_FastWanFullAttn_lora_rank_128_bf16.safetensors", dit, seed=3)
 
 
 # --------------------------------------------------------------------------------------------

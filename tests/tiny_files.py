@@ -112,3 +112,59 @@ def spread_vae_weights(model: torch.nn.Module, g: torch.Generator) -> torch.nn.M
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return model
+
+
+#: Original-Wan names of the Linear layers a ComfyUI-extracted Wan LoRA covers (per block, then top level).
+_WAN_BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                      "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+_WAN_TOP_LINEARS = ("text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+                    "time_projection.1", "head.head")
+
+
+def fastwan_style_lora(path: Path, transformer: torch.nn.Module, seed: int = 0, rank: int = 8,
+                       scale: float = 0.02) -> Path:
+    """A tiny accelerator LoRA in the key layout of Kijai's ComfyUI FastWan LoRA
+    (``Wan2_2_5B_FastWanFullAttn_lora_rank_128_bf16.safetensors``, Kijai/WanVideo_comfy ``FastWan/``), which is
+    what ComfyUI's own LoRA extractor writes (``comfy_extras/nodes_lora_extract.py``, ``LoraSave`` with
+    ``bias_diff=True``) from the difference of a distilled and a base checkpoint:
+
+    * ``diffusion_model.<original Wan name>.lora_up.weight`` ``[out, rank]`` and ``.lora_down.weight``
+      ``[rank, in]`` for every Linear of the blocks (self/cross attention q k v o, ffn.0, ffn.2) and of the
+      text/time embeddings, time projection and head; no ``.alpha`` keys (ComfyUI then scales by 1);
+    * ``<name>.diff_b``: the bias difference of each of those Linears (and of ``norm3``);
+    * ``<name>.diff``: the difference of every 1-D weight (``norm_q``/``norm_k`` of both attentions, ``norm3``);
+    * bf16 tensors, no metadata, no prompt embedding. The conv ``patch_embedding`` and the ``modulation``
+      tables are absent (the extractor only handles ``.weight`` tensors of Linear/conv2d shape and biases).
+
+    Shapes follow ``transformer`` (the tiny DiT).
+    """
+    from safetensors.torch import save_file
+
+    from vbridge_core.lora import wan_to_diffusers_name
+
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    n_blocks = len(transformer.blocks)
+    sd: dict[str, torch.Tensor] = {}
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+    names = [f"blocks.{i}.{n}" for i in range(n_blocks) for n in _WAN_BLOCK_LINEARS] + list(_WAN_TOP_LINEARS)
+    for wan in names:
+        lin = modules[wan_to_diffusers_name(wan)]
+        sd[f"diffusion_model.{wan}.lora_up.weight"] = rnd(lin.out_features, rank)
+        sd[f"diffusion_model.{wan}.lora_down.weight"] = rnd(rank, lin.in_features)
+        if lin.bias is not None:
+            sd[f"diffusion_model.{wan}.diff_b"] = rnd(lin.out_features)
+    for i in range(n_blocks):
+        for attn in ("self_attn", "cross_attn"):
+            for norm in ("norm_q", "norm_k"):
+                sd[f"diffusion_model.blocks.{i}.{attn}.{norm}.diff"] = rnd(transformer.config.num_attention_heads
+                                                                           * transformer.config.attention_head_dim)
+        dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        sd[f"diffusion_model.blocks.{i}.norm3.diff"] = rnd(dim)
+        sd[f"diffusion_model.blocks.{i}.norm3.diff_b"] = rnd(dim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
