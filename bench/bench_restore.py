@@ -257,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     transformer, vae, pos, neg = build_models(args, device, dtype)
+    # both sides get the embeddings as the official model sees them (zero-padded to 512 tokens), as our
+    # pipeline pads every embedding it is given; diffusers' pipeline uses prompt_embeds as passed
+    from vbridge_core.runtime import pad_prompt_embeds
+
+    pos, neg = pad_prompt_embeds(pos).to(pos.dtype), pad_prompt_embeds(neg).to(neg.dtype)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in transformer.parameters())
     logger.info("built models in %.1f s (DiT %.4f B params)", build_s, n_params / 1e9)
