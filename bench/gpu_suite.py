@@ -159,7 +159,7 @@ class Suite:
         self.transformer = build_transformer(self.tiny, self.device, self.dtype, seed=self.args.seed)
         self.vae = build_vae(self.tiny, self.device, self.dtype, seed=self.args.seed + 1)
         g = torch.Generator("cpu").manual_seed(self.args.seed + 2)
-        text_len = 16 if self.tiny else 512
+        text_len = 512  # as the official model sees umt5 embeddings (zero-padded to 512), and as our pipeline pads
         self.pos = (0.1 * torch.randn(1, text_len, 4096, generator=g)).to(self.device, self.dtype)
         self.neg = (0.1 * torch.randn(1, text_len, 4096, generator=g)).to(self.device, self.dtype)
 

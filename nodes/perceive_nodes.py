@@ -220,6 +220,8 @@ class TrainPerceiver:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("perceiver_path", "info")
+    OUTPUT_TOOLTIPS = ("Path of the trained perceiver file (pick it in V-Bridge Perceive / Auto Restore).",
+                       "What was trained: examples, labels and training accuracy.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -233,7 +235,8 @@ class TrainPerceiver:
                 "samples": ("INT", {"default": 400, "min": 50, "max": 20000, "tooltip": (
                     "Degraded training images when no pairs are connected (builtin: 6000 is the shipped setting).")}),
                 "steps": ("INT", {"default": 300, "min": 10, "max": 5000, "tooltip": "CLIP prompt-learning steps."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
+                                  "tooltip": "Seed of the synthetic degradations and the training run (same seed, same perceiver)."}),
             },
             "optional": {
                 "pairs": ("VBRIDGE_PAIRS", {"tooltip": (

@@ -60,7 +60,8 @@ def _images(b: int = 2, h: int = 32, w: int = 48, seed: int = 0) -> torch.Tensor
 
 def test_mappings_and_node_contract():
     assert set(NODES) == {"LoadVBridge", "RestoreTrajectory", "DriftCorrect", "LoadImagePairs", "ImageQualityMetrics",
-                          "TrainLoRASettings", "TrainLoRA", "RestoreVideo", "TrainStabilizer"}
+                          "TrainLoRASettings", "TrainLoRA", "RestoreVideo", "TrainStabilizer",
+                          "PerceiveImage", "AutoRestore", "TrainPerceiver"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
     for node_id, cls in NODES.items():
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("V-Bridge")
