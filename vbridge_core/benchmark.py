@@ -211,7 +211,8 @@ def add_benchmark_parser(sub, add_model_args: Callable[..., None], add_sampler_a
 
 def cmd_benchmark(a: argparse.Namespace) -> int:
     """Handle ``benchmark`` (see the module docstring)."""
-    from .fileio import ensure_writable_dir, write_json_atomic, write_text_atomic
+    from .cli import plan_restore_outputs
+    from .fileio import write_json_atomic, write_text_atomic
     from .parallel import SharedProgress, image_area, process_group, split_by_cost
     from .parallel_restore import load_pipeline, restore_share, sampler_settings, steps_per_pass
 
@@ -226,10 +227,10 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
         pairs = [p for p in pairs if p.task in wanted]
     if a.limit:
         pairs = limit_per_task(pairs, a.limit)
-    out = ensure_writable_dir(a.out)
+    names = [p.name for p in pairs]
+    out = plan_restore_outputs(a, [p.lq for p in pairs], names=names)
     group = process_group(a.device)
     kw = sampler_settings(a)
-    names = [p.name for p in pairs]
     shares = split_by_cost([image_area(p.lq) for p in pairs], group.world)
     mine = shares[group.rank]
     todo = [i for i in mine if not (a.skip_existing and (out / f"{names[i]}.png").is_file())]

@@ -42,12 +42,13 @@ def add_cache_parser(sub, add_model_args: Callable[..., None], add_sampler_args:
 def cmd_cache_calibrate(a: argparse.Namespace) -> int:
     from .cache import DEFAULT_MAG_THRESHOLD, MAG_FILE_FORMAT, CacheSpec
     from .cli import _sampler_kwargs
-    from .fileio import ensure_writable_dir, write_json_atomic
+    from .fileio import write_json_atomic
+    from .outputs import check_output_dir
     from .images import load_image
     from .metrics import psnr
     from .pipeline import VBridgePipeline
 
-    out = ensure_writable_dir(a.out)
+    out = check_output_dir(a.out)  # created by the first file written
     paths = collect_inputs(a.inputs)
     images = [load_image(p) for p in paths]
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,

@@ -154,9 +154,55 @@ def _progress(prefix: str):
     return cb
 
 
+def plan_restore_outputs(a: argparse.Namespace, paths: Sequence[Path], drift_only: bool = False,
+                         names: Optional[Sequence[str]] = None) -> Path:
+    """Check where ``restore`` / ``drift-correct`` will write, before any model loads (issue 9).
+
+    Refuses an output folder that holds an input, outputs that would replace an input, and two
+    inputs whose outputs would share a name; removes temporaries a killed earlier run left in the
+    folder. The folder itself is created only by the first output written, so a run that fails
+    before that leaves no empty folder. ``names`` are the output stems (default: the input stems).
+    """
+    from .outputs import (check_output_dir, clean_stale_temporaries, existing_outputs, plan_outputs,
+                          refuse_inputs_in_output_dir, restore_output_names)
+
+    out = check_output_dir(a.out)
+    refuse_inputs_in_output_dir(out, paths)
+    base = bool(getattr(a, "drift_lora", None)) and not drift_only
+    stems = list(names) if names is not None else [p.stem for p in paths]
+    plan = plan_outputs({str(p): restore_output_names(s, base=base, trajectory=bool(getattr(a, "save_trajectory", False)))
+                         for p, s in zip(paths, stems)}, out, paths)
+    clean_stale_temporaries(out)
+    old = existing_outputs(out, plan)
+    if old and not getattr(a, "skip_existing", False):
+        logger.info("%d file(s) from an earlier run in %s will be replaced (e.g. %s)", len(old), out, old[0])
+    return out
+
+
+def preflight_sampling(a: argparse.Namespace, sizes: Sequence[tuple[int, int]], drift_only: bool = False) -> None:
+    """Check frames, steps, sigmas and image sizes before any model loads (issue 9), so a typo costs
+    a second, not a 10 GB load followed by a traceback."""
+    from .limits import check_image_size
+    from .parallel_restore import sampler_settings, steps_per_pass
+    from .trajectory import check_frames
+
+    kw = sampler_settings(a)
+    check_frames(kw["frames"])
+    if not drift_only:
+        steps_per_pass(kw)
+    if getattr(a, "drift_lora", None):
+        dkw = dict(kw, frames=a.drift_frames or kw["frames"], steps=a.drift_steps or kw["steps"])
+        check_frames(dkw["frames"])
+        steps_per_pass(dkw)
+    if not kw.get("release_size"):  # the release rule shrinks large images itself
+        for i, (h, w) in enumerate(sizes):
+            check_image_size(h, w, f"input {i + 1}")
+
+
 def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
-    from .fileio import ensure_writable_dir, write_json_atomic
+    from .fileio import write_json_atomic
     from .images import load_image
+    from .outputs import OutputLog
     from .pipeline import VBridgePipeline
     from .parallel_restore import cmd_restore_parallel, wants_parallel
 
@@ -166,15 +212,16 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
         return cmd_restore_auto(a, _sampler_kwargs(a))
     if wants_parallel(a):  # torchrun / accelerate launch, or --skip-existing
         return cmd_restore_parallel(a, drift_only)
-    out = ensure_writable_dir(a.out)
-    paths = _collect_inputs(a.inputs)
-    images = [load_image(p) for p in paths]
     if drift_only and not a.drift_lora:
         raise InputError("drift-correct needs --drift-lora FILE (a V-Bridge drift-correction LoRA)")
+    paths = _collect_inputs(a.inputs)
+    out = plan_restore_outputs(a, paths, drift_only)
+    images = [load_image(p) for p in paths]
     if not drift_only and not getattr(a, "lora", None) and not a.text_encoder:
         from .pipeline import RELEASE_PROMPT_HELP
 
         raise InputError(RELEASE_PROMPT_HELP)  # before loading 10 GB of weights for nothing
+    preflight_sampling(a, [(int(x.shape[-2]), int(x.shape[-1])) for x in images], drift_only)
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=getattr(a, "lora", None),
                                       lora_strength=getattr(a, "lora_strength", 1.0), drift_lora=a.drift_lora,
                                       drift_strength=a.drift_strength, device=a.device, dtype=_dtype(a.dtype),
@@ -196,11 +243,15 @@ def cmd_restore(a: argparse.Namespace, drift_only: bool = False) -> int:
         dkw = dict(kw, frames=a.drift_frames or kw["frames"], steps=a.drift_steps or kw["steps"])
         res = pipe.drift_correct(base, return_trajectory=a.save_trajectory, callback=_progress("drift-correct"), **dkw)
         settings["drift_info"] = res.info
-        if base_res is not None:  # written only now, so a cancelled drift pass leaves no partial set of outputs
-            for p, f, tr in zip(paths, base_res.final, base_res.trajectory or [None] * len(paths)):
-                _write_outputs(out, p.stem, f, tr, suffix="_base")
-    for p, f, tr in zip(paths, res.final, res.trajectory or [None] * len(paths)):
-        _write_outputs(out, p.stem, f, tr)
+    # written only now, so a cancelled drift pass leaves no partial set of outputs; a failure while
+    # writing (a full disk) says which images are complete
+    log = OutputLog([p.name for p in paths], out)
+    base_trajs = (base_res.trajectory or [None] * len(paths)) if base_res is not None and a.drift_lora else None
+    for k, (p, f, tr) in enumerate(zip(paths, res.final, res.trajectory or [None] * len(paths))):
+        with log.item(p.name):
+            if base_trajs is not None:
+                _write_outputs(out, p.stem, base_res.final[k], base_trajs[k], suffix="_base")
+            _write_outputs(out, p.stem, f, tr)
     settings.update(dit=a.dit, vae=a.vae, model=a.model, lora=getattr(a, "lora", None), drift_lora=a.drift_lora,
                     lora_strength=getattr(a, "lora_strength", None) if getattr(a, "lora", None) else None,
                     drift_strength=a.drift_strength if a.drift_lora else None, preset=a.preset or "fast",

@@ -114,8 +114,8 @@ def split_by_cost(costs: Sequence[float], world: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
-def image_area(path: Any) -> int:
-    """Pixel count of an image file, read from its header only."""
+def image_hw(path: Any) -> tuple[int, int]:
+    """``(height, width)`` of an image file, read from its header only."""
     from PIL import Image
 
     try:
@@ -123,7 +123,13 @@ def image_area(path: Any) -> int:
             w, h = im.size
     except Exception as e:
         raise InputError(f"cannot read image {path}: {e}") from None
-    return int(w) * int(h)
+    return int(h), int(w)
+
+
+def image_area(path: Any) -> int:
+    """Pixel count of an image file, read from its header only."""
+    h, w = image_hw(path)
+    return h * w
 
 
 class SharedProgress:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .errors import InputError
-from .parallel import ProcessGroup, SharedProgress, image_area, launched_world_size, process_group, split_by_cost
+from .parallel import ProcessGroup, SharedProgress, image_area, image_hw, launched_world_size, process_group, split_by_cost
 
 logger = logging.getLogger("vbridge_core")
 
@@ -112,8 +112,10 @@ def restore_share(pipe: Any, paths: Sequence[Path], indices: Sequence[int], out:
     pipeline infos (``restore_info`` / ``drift_info``) and the seconds spent.
     """
     from .images import load_image
+    from .outputs import OutputLog
 
     names = list(names) if names is not None else [p.stem for p in paths]
+    log = OutputLog([paths[i].name for i in indices], out)  # a failure while writing says what is complete
     base_seed, batch = int(kw["seed"]), max(1, int(kw.get("batch_size", 1)))
     run_kw = {k: v for k, v in kw.items() if k != "seed"}
     info: dict[str, Any] = {}
@@ -134,10 +136,11 @@ def restore_share(pipe: Any, paths: Sequence[Path], indices: Sequence[int], out:
                                      callback=_step_counter(progress), **dict(run_kw, **drift))
             info["drift_info"] = res.info
         for j, i in enumerate(chunk):
-            if drift is not None and base_res is not None:
-                _write_image(out, names[i], base_res.final[j], base_res.trajectory[j] if save_trajectory else None,
-                             suffix="_base")
-            _write_image(out, names[i], res.final[j], res.trajectory[j] if save_trajectory else None)
+            with log.item(paths[i].name):
+                if drift is not None and base_res is not None:
+                    _write_image(out, names[i], base_res.final[j],
+                                 base_res.trajectory[j] if save_trajectory else None, suffix="_base")
+                _write_image(out, names[i], res.final[j], res.trajectory[j] if save_trajectory else None)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return info
 
@@ -163,13 +166,15 @@ def _merge_settings(group: ProcessGroup, shares: list[list[int]], names: Sequenc
 
 def cmd_restore_parallel(a: argparse.Namespace, drift_only: bool = False) -> int:
     """``restore`` / ``drift-correct`` over all processes of the launch (see the module docstring)."""
+    from .cli import plan_restore_outputs, preflight_sampling
     from .cli_common import collect_inputs
-    from .fileio import ensure_writable_dir, write_json_atomic
+    from .fileio import write_json_atomic
 
     if drift_only and not a.drift_lora:
         raise InputError("drift-correct needs --drift-lora FILE (a V-Bridge drift-correction LoRA)")
     paths = collect_inputs(a.inputs)
-    out = ensure_writable_dir(a.out)
+    out = plan_restore_outputs(a, paths, drift_only)
+    preflight_sampling(a, [image_hw(p) for p in paths], drift_only)
     group = process_group(a.device)
     kw = sampler_settings(a)
     shares = split_by_cost([image_area(p) for p in paths], group.world)
@@ -226,6 +231,24 @@ def video_clips(folder: Path) -> list[tuple[str, list[Path]]]:
     return clips
 
 
+def plan_video_outputs(a: argparse.Namespace, clips: Sequence[tuple[str, Sequence[Path]]]) -> Path:
+    """Check ``restore-video``'s output folder before any model loads: it must not hold (or be inside
+    the folder of) input frames, and no output may replace an input; stale temporaries of a killed
+    run are removed. The folder is created by the first frame written."""
+    from .outputs import check_output_dir, clean_stale_temporaries, plan_outputs, refuse_inputs_in_output_dir
+
+    out = check_output_dir(a.out)
+    frames = [p for _, fs in clips for p in fs]
+    refuse_inputs_in_output_dir(out, frames)
+    for name, fs in clips:
+        refuse_inputs_in_output_dir(out / name if name else out, frames)
+        sub = f"{name}/" if name else ""
+        plan_outputs({f"{sub}{p.name}": [f"{sub}{p.stem}.png"] + ([f"{sub}raw/{p.stem}.png"] if a.save_raw else [])
+                      for p in fs}, out, frames)
+    clean_stale_temporaries(out)
+    return out
+
+
 def holds_clip_folders(folder: Path) -> bool:
     """True when ``folder`` holds clip folders of frames rather than frames."""
     try:
@@ -236,14 +259,14 @@ def holds_clip_folders(folder: Path) -> bool:
 
 def cmd_restore_video_parallel(a: argparse.Namespace) -> int:
     """``restore-video`` split by clip over all processes; each clip's frames in one process, in order."""
-    from .fileio import ensure_writable_dir, write_json_atomic
+    from .fileio import write_json_atomic
     from .images import save_png
     from .stabilize import restore_video
     from .stabilize_cli import _frames
 
     src = Path(a.input)
     clips = video_clips(src)
-    out = ensure_writable_dir(a.out)
+    out = plan_video_outputs(a, clips)
     group = process_group(a.device)
     kw = sampler_settings(a)
     seed = kw.pop("seed")

@@ -229,8 +229,9 @@ def cmd_restore_auto(a: argparse.Namespace, sampler_kwargs: dict[str, Any]) -> i
     """``restore --auto``: perceive, route per image, restore, write outputs and the per-image report."""
     import time
 
-    from .fileio import ensure_writable_dir, write_json_atomic, write_text_atomic
+    from .fileio import write_json_atomic, write_text_atomic
     from .images import load_image, save_png
+    from .outputs import OutputLog
     from .perceive.routing import auto_restore, scan_lora_dir
     from .pipeline import VBridgePipeline
     from .cli_common import parse_dtype
@@ -242,8 +243,10 @@ def cmd_restore_auto(a: argparse.Namespace, sampler_kwargs: dict[str, Any]) -> i
     if getattr(a, "drift_lora", None):
         raise InputError("--auto does not run drift correction; run `drift-correct` on its outputs afterwards")
     loras = scan_lora_dir(a.lora_dir)
-    out = ensure_writable_dir(a.out)
     paths = collect_inputs(a.inputs)
+    from .cli import plan_restore_outputs
+
+    out = plan_restore_outputs(a, paths)
     images = [load_image(p) for p in paths]
     names = [p.name for p in paths]
     fn = perceive_function(a.perceiver, a.clip_vision)
@@ -262,8 +265,10 @@ def cmd_restore_auto(a: argparse.Namespace, sampler_kwargs: dict[str, Any]) -> i
     t0 = time.perf_counter()
     res = auto_restore(pipe, images, names, loras, fn, force=a.force_restore, strength=a.lora_strength, seed=seed,
                        on_image=lambda d, n: logger.info("auto restore: %d/%d images", d, n), **kw)
+    log = OutputLog([p.name for p in paths], out)
     for p, img in zip(paths, res.images):
-        save_png(img, out / f"{p.stem}.png")
+        with log.item(p.name):
+            save_png(img, out / f"{p.stem}.png")
     table = res.table()
     print(table)
     write_text_atomic(out / "auto_restore_report.txt", table + "\n")

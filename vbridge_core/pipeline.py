@@ -20,6 +20,7 @@ import torch
 from . import trajectory
 from .errors import InputError
 from .sampler import SampleStats, SamplerSettings, StepCallback, sample
+from .seeds import seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -413,6 +414,10 @@ class VBridgePipeline:
                     resized.append({"image": i, "from": [h, w], "to": [th, tw]})
                     logger.info("image %d: %dx%d resized to %dx%d (release size rule: area <= 2560x1440)",
                                 i, w, h, tw, th)
+        from .limits import check_image_size
+
+        for i, img in enumerate(imgs):
+            check_image_size(int(img.shape[-2]), int(img.shape[-1]), f"image {i}")
         pos, neg = self._prompt_pair(role, prompt_embeds, negative_prompt_embeds, prompt, negative_prompt,
                                      need_negative=settings.guided_steps() > 0)
         self._activate(role if role in self.adapters else None)
@@ -448,8 +453,8 @@ class VBridgePipeline:
                 cond = self.encode_condition(x)
                 _, c, _, h, w = cond.shape
                 # one CPU generator per image: its initial noise, then (x0_renoise) its fresh re-noising draws
-                gens = [torch.Generator("cpu").manual_seed(
-                    seeds[c_[0]] if seeds is not None else seed if same_seed else seed + c_[0]) for c_ in chunk]
+                gens = [seeded_generator(seeds[c_[0]] if seeds is not None else seed,
+                                         0 if seeds is not None or same_seed else c_[0]) for c_ in chunk]
                 noise = torch.cat([torch.randn((1, c, n_lat, h, w), generator=g, dtype=torch.float32)
                                    for g in gens]).to(self.device)
 

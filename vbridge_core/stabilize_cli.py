@@ -152,18 +152,18 @@ def cmd_train_stabilizer(a: argparse.Namespace) -> int:
 
 def cmd_restore_video(a: argparse.Namespace) -> int:
     from .cli import _sampler_kwargs
-    from .fileio import ensure_writable_dir, write_json_atomic
+    from .fileio import write_json_atomic
     from .images import save_png
     from .pipeline import VBridgePipeline
     from .stabilize import restore_video
-    from .parallel_restore import cmd_restore_video_parallel, holds_clip_folders, wants_parallel
+    from .parallel_restore import cmd_restore_video_parallel, holds_clip_folders, plan_video_outputs, wants_parallel
 
     if wants_parallel(a) or holds_clip_folders(Path(a.input)):
         return cmd_restore_video_parallel(a)  # several processes, --skip-existing, or a folder of clips
     src = Path(a.input)
     paths = collect_inputs([str(src)])
     frames = _frames(src, "input")
-    out = ensure_writable_dir(a.out)
+    out = plan_video_outputs(a, [("", paths)])
     stab = a.stabilizer if a.stabilizer else a.ema
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
                                       device=a.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,

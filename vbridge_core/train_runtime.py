@@ -139,7 +139,12 @@ def make_train_config(settings: Optional[Mapping[str, Any]], *, stages: str, see
         validation_fraction=float(s["validation_fraction"]), validation_every=int(s["validation_every"]),
         validation_steps=int(s["validation_steps"]), checkpoint_every=int(s["checkpoint_every"]),
         quality_weighting=float(s["quality_weighting"]))
-    return cfg.validate()
+    cfg.validate()
+    if role != "turbo":  # a turbo student copies its teacher's modules
+        from .training.targets import check_target_modules
+
+        check_target_modules(cfg.target_modules)
+    return cfg
 
 
 def make_turbo_settings(settings: Optional[Mapping[str, Any]], *, seed: int) -> Any:

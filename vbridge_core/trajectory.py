@@ -28,7 +28,9 @@ def check_frames(frames: int) -> int:
         lower = max(5, (frames - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE + 1)
         hint = f"; the nearest valid values are {lower} and {lower + 4}" if frames >= 5 else "; use 5"
         raise InputError(f"frames must be 4k+1 and at least 5 (5, 9, 13, ...), got {frames}{hint}")
-    return frames
+    from .limits import check_frame_limit
+
+    return check_frame_limit(frames)
 
 
 def latent_frames(frames: int) -> int:

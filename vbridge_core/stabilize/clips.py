@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..seeds import wrap_seed
 from .training import StabilizerClip
 
 
@@ -113,13 +114,13 @@ def synthesize_clips(photos: Iterable[torch.Tensor], n_frames: int = 8, seed: in
     k = 0
     for i, photo in enumerate(photos):
         for j in range(clips_per_photo):
-            s = seed * 1000003 + k
+            s = wrap_seed(int(seed) * 1000003, k)
             k += 1
             clean = camera_motion_clip(photo, n_frames, seed=s, size=size, max_shift=max_shift, max_zoom=max_zoom)
-            lq = _degrade(clean, degradation, s + 1, degradation_params or {}).float().clamp(0, 1)
+            lq = _degrade(clean, degradation, wrap_seed(s, 1), degradation_params or {}).float().clamp(0, 1)
             if restorer is None:
-                restored = simulate_restorer(clean, seed=s + 2, amplitude=restorer_amplitude)
+                restored = simulate_restorer(clean, seed=wrap_seed(s, 2), amplitude=restorer_amplitude)
             else:
-                restored = restorer(lq, clean, s + 2)
+                restored = restorer(lq, clean, wrap_seed(s, 2))
             clips.append(StabilizerClip(restored, clean, lq, name=f"photo{i}_clip{j}").check())
     return clips

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import InputError
+from ..seeds import seeded_generator, wrap_seed
 from .files import save_stabilizer
 from .frames import as_sequence as _as_sequence
 from .mixers import LearnedStabilizer, StabilizerConfig, count_parameters
@@ -178,12 +179,12 @@ def train_stabilizer(clips: Sequence[StabilizerClip | tuple], kind: str = "contr
     from ..pipeline import resolve_device
 
     dev = resolve_device(cfg.device) if cfg.device else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(wrap_seed(cfg.seed))
     st = LearnedStabilizer(StabilizerConfig(kind=cfg.kind, channels=chans.pop(), hidden=cfg.hidden,
                                             kernel_size=cfg.kernel_size, use_inputs=use_inputs)).to(dev)
     opt = torch.optim.Adam(st.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps), eta_min=cfg.learning_rate * 0.05)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = seeded_generator(cfg.seed)
     losses: list[float] = []
     t0 = time.perf_counter()
     st.train()

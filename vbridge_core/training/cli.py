@@ -195,6 +195,29 @@ def _turbo_settings(a: argparse.Namespace):
                          hq_weight=a.turbo_hq_weight, teacher_steps=a.teacher_steps, teacher_seed=a.seed).validate()
 
 
+def check_train_outputs(a: argparse.Namespace) -> Path:
+    """Check ``--out`` before the model loads (issue 9): a file name, not a folder; not one of the run's
+    input files; its folder creatable. Removes temporaries a killed earlier run left beside it."""
+    from ..outputs import check_output_file, clean_stale_temporaries, refuse_overwriting_inputs
+    from .checkpoint import checkpoint_dir
+
+    out = check_output_file(a.out)
+    if out.suffix.lower() != ".safetensors":
+        raise InputError(f"--out {out}: the trained weights are written as a .safetensors file; end the name with "
+                         f".safetensors, e.g. {out.with_suffix('.safetensors')}")
+    inputs = {"--restoration-lora": getattr(a, "restoration_lora", None), "--teacher-lora": getattr(a, "teacher_lora", None),
+              "--prompt-embeds": getattr(a, "prompt_embeds", None), "--dit": getattr(a, "dit", None),
+              "--vae": getattr(a, "vae", None), "--text-encoder": getattr(a, "text_encoder", None)}
+    if a.resume and a.resume != "auto":
+        inputs["--resume"] = a.resume
+    sidecars = {"--out": out, "the loss plot": out.with_name(out.stem + ".loss.png"),
+                "the validation grid": out.with_name(out.stem + ".validation.png")}
+    refuse_overwriting_inputs(sidecars, inputs)
+    for folder in (out.parent, checkpoint_dir(out)):
+        clean_stale_temporaries(folder, recursive=False)
+    return out
+
+
 def _synthesise_pairs(a: argparse.Namespace, is_main: bool, barrier: Callable[[], None]) -> Path:
     from .checkpoint import checkpoint_dir
 
@@ -224,6 +247,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise InputError("--mode drift needs --restoration-lora FILE (the LoRA trained with --mode restoration)")
     turbo = _turbo_settings(a)
     cfg = _config(a)
+    check_train_outputs(a)
+    if a.mode != "turbo":  # a turbo student takes its teacher's modules
+        from .targets import check_target_modules
+
+        check_target_modules(cfg.target_modules)
     if a.resume:
         from .checkpoint import find_resume
 

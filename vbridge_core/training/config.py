@@ -14,6 +14,8 @@ import torch
 
 from .. import trajectory
 from ..errors import InputError
+from ..limits import check_side
+from ..seeds import wrap_seed
 from .curriculum import Stage, StagesLike, parse_stages
 
 #: diffusers module names of the attention projections and the feed-forward layers of every block.
@@ -85,6 +87,7 @@ class TrainConfig:
         """Check every field; raise :class:`InputError` naming the first bad one."""
         trajectory.check_frames(self.frames)
         trajectory.alpha_schedule(self.alpha_schedule, self.frames)
+        self.seed = wrap_seed(self.seed)  # seeds are taken modulo 2^64 (vbridge_core.seeds)
         for name in ("steps", "rank", "batch_size", "grad_accum", "crops_per_pair", "validation_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -103,6 +106,9 @@ class TrainConfig:
             raise InputError(f"resolution must be a multiple of 32 (>= 32), got {self.resolution}")
         if self.validation_resolution is not None and (self.validation_resolution < 32 or self.validation_resolution % 32):
             raise InputError(f"validation_resolution must be a multiple of 32, got {self.validation_resolution}")
+        for name in ("resolution", "validation_resolution"):
+            if getattr(self, name) is not None:
+                check_side(getattr(self, name), name, "Use a smaller crop side")
         if self.role not in ROLES:
             raise InputError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -44,6 +44,9 @@ def _check(stage: Stage) -> Stage:
         logger.info("stage %s: resolution %d rounded down to %d (a multiple of %d)", stage, stage.resolution, fixed,
                     RESOLUTION_MULTIPLE)
         stage = Stage(fixed, stage.steps)
+    from ..limits import check_side
+
+    check_side(stage.resolution, f"stage {stage}: the resolution", "Train at a smaller resolution, e.g. 512:400,720:300,960:300")
     if isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or stage.steps < 1:
         raise InputError(f"stage {stage}: steps must be a positive integer, got {stage.steps!r}")
     return stage

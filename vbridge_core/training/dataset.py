@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..errors import InputError, VBridgeError
+from ..seeds import seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def split_validation(pairs: TrainingPairs, fraction: float, seed: int) -> tuple[
     of at least 3 pairs always gives at least one (3 shipped sample pairs at 10% would otherwise
     leave no validation at all); a task of 1-2 pairs gives none, and the training set is never emptied.
     """
-    g = torch.Generator().manual_seed(int(seed) + 7919)
+    g = seeded_generator(seed, 7919)
     val: list[int] = []
     for task in pairs.tasks:
         idx = [i for i, e in enumerate(pairs.entries) if e.task == task]

@@ -44,7 +44,7 @@ from .curriculum import format_stages, stage_at, stage_start, total_steps
 from .dataset import TrainingPairs, split_validation
 from .flow_matching import flow_matching_loss, sample_sigmas
 from .latent_cache import build_stage_cache, describe, vae_on
-from .loop import TrainingCancelled, _any_true, _mean_across, lr_factor, make_optimizer
+from .loop import TrainingCancelled, _any_true, _mean_across, _write_final, lr_factor, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -362,27 +362,25 @@ def train_full(pipe, pairs: Any, config: TrainConfig, options: FullOptions, out_
         if history:
             meta["vbridge.validation"] = _json(history[-1])
         meta.update({f"vbridge.{k}": str(v) for k, v in (metadata or {}).items()})
-        files = ff.write_dit(weights, out_path, dtype=_save_dtype(options.save_dtype),
-                             config=dict(transformer.config), metadata=meta, max_shard_size=options.max_shard_size,
-                             diffusers_folder=options.diffusers_folder)
-        result_path = files[0] if len(files) == 1 or not files[-1].name.endswith(".index.json") else files[-1]
+        written: list[Path] = []
+
+        def write(path: Path) -> Path:
+            written[:] = ff.write_dit(weights, path, dtype=_save_dtype(options.save_dtype),
+                                      config=dict(transformer.config), metadata=meta,
+                                      max_shard_size=options.max_shard_size, diffusers_folder=options.diffusers_folder)
+            return written[0] if len(written) == 1 or not written[-1].name.endswith(".index.json") else written[-1]
+
+        result_path = _write_final(write, Path(out_path), folder / f"{Path(out_path).stem}-final.safetensors",
+                                   "DiT")
+        files = written
         logger.info("wrote the fine-tuned DiT: %s", ", ".join(str(f) for f in files))
     acc.wait_for_everyone()
 
-    from .plots import loss_curve_image, validation_grid
+    from .plots import run_pictures
 
-    curve = loss_curve_image(losses, [stage_start(stages, i) for i in range(1, len(stages))],
-                             title=f"{config.role} loss (full fine-tuning)")
-    grid = None
-    if val is not None and before_outs is not None and after_outs is not None:
-        grid = validation_grid([[val.lqs[i], before_outs[i], after_outs[i], val.hqs[i]] for i in range(len(val))])
-    curve_path = None
-    if is_main and write_plots:
-        from ..images import save_png
-
-        curve_path = save_png(curve, out_path.with_name(out_path.stem + ".loss.png"))
-        if grid is not None:
-            save_png(grid, out_path.with_name(out_path.stem + ".validation.png"))
+    curve, grid, curve_path = run_pictures(losses, [stage_start(stages, i) for i in range(1, len(stages))],
+                                           f"{config.role} loss (full fine-tuning)", val, before_outs, after_outs,
+                                           out_path, write=is_main and write_plots)
     secs = time.perf_counter() - t_start
     return TrainResult(path=Path(result_path), losses=losses, seconds=secs, skipped_steps=skipped,
                        validation=history, checkpoint=last_ckpt, loss_curve=curve, validation_grid=grid,

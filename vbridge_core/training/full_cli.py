@@ -44,7 +44,7 @@ def cmd_train_full(a: argparse.Namespace) -> int:
     from ..cli_common import parse_dtype
     from ..pairs import scan_pairs
     from ..pipeline import VBridgePipeline, resolve_device
-    from .cli import _config, _prompt_embeddings, _synthesise_pairs
+    from .cli import _config, _prompt_embeddings, _synthesise_pairs, check_train_outputs
     from .dataset import TrainingPairs
     from .full import FullOptions, train_full
     from .full_files import parse_size
@@ -58,6 +58,7 @@ def cmd_train_full(a: argparse.Namespace) -> int:
     if not str(a.out).endswith(".safetensors"):
         raise InputError(f"--out {a.out}: a full fine-tune is written as a .safetensors file (original layout)")
     cfg = _config(a)
+    check_train_outputs(a)
     options = FullOptions(train_blocks=a.train_blocks, cpu_offload=a.cpu_offload,
                           max_shard_size=parse_size(a.max_shard_size), save_dtype=a.save_dtype,
                           diffusers_folder=a.save_diffusers)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .. import trajectory
+from ..seeds import seeded_generator
 from .dataset import TrainingPairs, random_view
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def build_stage_cache(pipe, pairs: TrainingPairs, resolution: int, stage_index: 
             except Exception as e:  # a damaged cache is rebuilt, never fatal
                 logger.warning("ignoring unreadable latent cache %s: %s", path, e)
     alphas = trajectory.alpha_schedule(config.alpha_schedule, config.frames)
-    g = torch.Generator().manual_seed(int(config.seed) * 1000 + 17 + stage_index)
+    g = seeded_generator(int(config.seed) * 1000, 17 + stage_index)
     total = len(pairs) * config.crops_per_pair
     cache: list[list[torch.Tensor]] = []
     done = 0

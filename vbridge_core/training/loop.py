@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, OutputError, VBridgeError
 from . import checkpoint as ckpt
 from .config import RESUME_FREE_FIELDS, TrainConfig, TrainProgress, TrainResult
 from .curriculum import format_stages, stage_at, stage_start, total_steps
@@ -395,25 +395,17 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
         if val is not None:
             after_outs = validate(total, "final")
         if is_main:
-            result_path = write_lora_file(out_path, total)
+            result_path = _write_final(lambda path: write_lora_file(path, total), out_path,
+                                       ckpt.lora_path(folder, total), "LoRA")
         acc.wait_for_everyone()
     finally:
         restore_model()
 
-    from .plots import loss_curve_image, validation_grid
+    from .plots import run_pictures
 
-    starts = [stage_start(stages, i) for i in range(1, len(stages))]
-    curve = loss_curve_image(losses, starts, title=f"{config.role} loss")
-    grid = None
-    if val is not None and before_outs is not None and after_outs is not None:
-        grid = validation_grid([[val.lqs[i], before_outs[i], after_outs[i], val.hqs[i]] for i in range(len(val))])
-    curve_path = None
-    if is_main and write_plots:
-        from ..images import save_png
-
-        curve_path = save_png(curve, out_path.with_name(out_path.stem + ".loss.png"))
-        if grid is not None:
-            save_png(grid, out_path.with_name(out_path.stem + ".validation.png"))
+    curve, grid, curve_path = run_pictures(losses, [stage_start(stages, i) for i in range(1, len(stages))],
+                                           f"{config.role} loss", val, before_outs, after_outs, out_path,
+                                           write=is_main and write_plots)
     secs = time.perf_counter() - t_start
     fin = [v for v in losses if math.isfinite(v)]
     logger.info("trained %s LoRA: %d steps in %.1f s, loss %.4f -> %.4f, %d skipped; wrote %s", config.role, total,
@@ -421,6 +413,23 @@ def train_lora(pipe, pairs: Any, config: TrainConfig, out_path: str | Path, *, p
     return TrainResult(path=Path(result_path or out_path), losses=losses, seconds=secs, skipped_steps=skipped,
                        validation=history, checkpoint=last_ckpt, loss_curve=curve, validation_grid=grid,
                        loss_curve_path=curve_path, lora_checksum=checksum)
+
+
+def _write_final(write: Callable[[Path], Path], out_path: Path, fallback: Path, what: str) -> Path:
+    """Write the trained weights to ``out_path``; if that fails (full disk, a folder in the way, no
+    permission), write them to ``fallback`` in the checkpoint folder instead and raise an
+    :class:`OutputError` that says where they are, so hours of training are never lost to a bad path."""
+    try:
+        return write(out_path)
+    except (OSError, VBridgeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        try:
+            saved = write(fallback)
+        except (OSError, VBridgeError) as e2:
+            raise OutputError(f"could not write the trained {what} to {out_path} ({reason}), nor to {fallback} "
+                              f"({e2}); the last checkpoint, if any, is in {fallback.parent}") from None
+        raise OutputError(f"could not write the trained {what} to {out_path} ({reason}); it was saved as {saved} "
+                          f"instead: copy it where you want it") from None
 
 
 class _ValidationHolder:

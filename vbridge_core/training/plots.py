@@ -8,6 +8,7 @@ PNG. :func:`validation_grid` lays validation pairs out as rows of LQ | before | 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -93,3 +94,27 @@ def validation_grid(rows: Sequence[Sequence[torch.Tensor]], gap: int = 4,
         out_rows.append(torch.cat(cells, dim=-1))
         out_rows.append(torch.ones(3, gap, out_rows[-1].shape[-1]))
     return torch.cat(out_rows[:-1], dim=-2)
+
+
+def run_pictures(losses: Sequence[float], stage_starts: Sequence[int], title: str, val: object,
+                 before: Optional[Sequence[torch.Tensor]], after: Optional[Sequence[torch.Tensor]],
+                 out_path: Path, write: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[Path]]:
+    """The end-of-run pictures of any trainer: ``(loss curve, validation grid or None, curve PNG or None)``.
+
+    ``val`` holds the validation LQs/HQs (``.lqs``, ``.hqs``; None when there was no validation);
+    ``before``/``after`` are its outputs before and after training. With ``write`` the curve is saved
+    as ``<out stem>.loss.png`` and the grid as ``<out stem>.validation.png`` beside ``out_path``.
+    """
+    curve = loss_curve_image(losses, stage_starts, title=title)
+    grid = None
+    if val is not None and before is not None and after is not None:
+        grid = validation_grid([[val.lqs[i], before[i], after[i], val.hqs[i]]  # type: ignore[attr-defined]
+                                for i in range(len(val))])  # type: ignore[arg-type]
+    curve_path = None
+    if write:
+        from ..images import save_png
+
+        curve_path = save_png(curve, out_path.with_name(out_path.stem + ".loss.png"))
+        if grid is not None:
+            save_png(grid, out_path.with_name(out_path.stem + ".validation.png"))
+    return curve, grid, curve_path

@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import InputError
+from ..seeds import seeded_generator
 from ..sampler import NUM_TRAIN_TIMESTEPS, SamplerSettings, compute_dtype, first_frame_mask, sample, token_timesteps
 from .config import TrainConfig, TrainProgress, TrainResult
 
@@ -367,7 +368,7 @@ class TurboObjective:
     def validation_sample(self, transformer: torch.nn.Module, cond: torch.Tensor, noise: torch.Tensor,
                           prompt: torch.Tensor, seed: int) -> torch.Tensor:
         """Validation restores with the student's own K-call schedule (re-noise draws seeded by ``seed``)."""
-        g = torch.Generator().manual_seed(int(seed) + 7919)
+        g = seeded_generator(seed, 7919)
         fresh = [torch.randn(tuple(noise.shape), generator=g).to(noise.device) for _ in range(len(self.sigmas) - 1)]
         return few_step_sample(transformer, cond, noise, prompt, self.sigmas, self.settings.start_sigma,
                                self.settings.solver, fresh)

@@ -20,6 +20,7 @@ import torch
 from .. import trajectory
 from ..metrics import psnr, ssim
 from ..sampler import SamplerSettings, sample
+from ..seeds import seeded_generator, wrap_seed
 from .dataset import TrainingPairs, center_view
 from .latent_cache import encode_video
 
@@ -57,9 +58,9 @@ class ValidationSet:
         for i, (lq, hq) in enumerate(zip(self.lqs, self.hqs)):
             cond = pipe.encode_condition(lq[None])
             _, c, _, h, w = cond.shape
-            noise = torch.randn((1, c, n_lat, h, w), generator=torch.Generator().manual_seed(seed + i)).to(pipe.device)
+            noise = torch.randn((1, c, n_lat, h, w), generator=seeded_generator(seed, i)).to(pipe.device)
             if self.sample_fn is not None:
-                lat = self.sample_fn(pipe.transformer, cond, noise, prompt_embeds, seed + i)
+                lat = self.sample_fn(pipe.transformer, cond, noise, prompt_embeds, wrap_seed(seed, i))
             else:
                 lat = sample(pipe.transformer, cond, noise, prompt_embeds, settings)
             out = pipe.decode(lat)[0, :, -1].cpu()
