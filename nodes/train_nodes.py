@@ -281,8 +281,8 @@ class TrainLoRA:
         from vbridge_core.errors import Cancelled, InputError
         from vbridge_core.images import bchw_to_comfy
         from vbridge_core.train_runtime import (make_train_config, make_turbo_settings, merged_settings,
-                                                message_image, output_lora_path, run_training, summary,
-                                                training_prompt)
+                                                message_image, output_lora_path, refuse_overwriting_loaded_loras,
+                                                run_training, summary, training_prompt)
 
         from .restore_nodes import _check_model
 
@@ -293,6 +293,7 @@ class TrainLoRA:
         config = make_train_config(s, stages=stages, seed=int(seed), role=mode)
         turbo = make_turbo_settings(s, seed=int(seed)) if mode == "turbo" else None
         out_path = output_lora_path(comfy_bridge.lora_output_dir(), output_name)
+        refuse_overwriting_loaded_loras(vbridge_model, out_path)
         pos = _conditioning_tensor(conditioning, vbridge_model, "conditioning")
         neg = _conditioning_tensor(negative, vbridge_model, "negative")
         pos, neg, meta = training_prompt(vbridge_model, mode, pos, neg)

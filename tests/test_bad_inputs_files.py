@@ -273,3 +273,17 @@ def test_a_run_failing_at_the_model_leaves_no_empty_output_folder(photos, capsys
     rc, err = run_cli(_restore(photos, photos / "photos", "--out", photos / "new"), capsys)
     assert_one_error(rc, err, "no_model_here")
     assert not (photos / "new").exists()
+
+
+def test_train_node_refuses_to_overwrite_a_loaded_lora(tmp_path):
+    """TrainLoRA (drift / turbo) starts from the restoration LoRA picked in Load Model: an output_name
+    equal to it would replace it."""
+    from vbridge_core.train_runtime import output_lora_path, refuse_overwriting_loaded_loras
+    from test_training import _pipe
+
+    lora = random_lora(tmp_path / "loras" / "denoise.safetensors", "restoration", 1, dim=256)
+    pipe = _pipe()
+    pipe.load_lora(lora)
+    with pytest.raises(InputError, match="loaded restoration LoRA"):
+        refuse_overwriting_loaded_loras(pipe, output_lora_path(tmp_path / "loras", "denoise"))
+    refuse_overwriting_loaded_loras(pipe, output_lora_path(tmp_path / "loras", "denoise_drift"))

@@ -115,6 +115,16 @@ def merged_settings(settings: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def refuse_overwriting_loaded_loras(pipe: Any, out_path: Path) -> None:
+    """Refuse an output LoRA path that is one of the LoRAs loaded in ``pipe`` (the restoration LoRA a
+    drift or turbo run starts from, the drift or accelerator LoRA): training would replace it (issue 9)."""
+    from .outputs import refuse_overwriting_inputs
+
+    loaded = {f"the loaded {role.replace('_', '-')} LoRA": getattr(ad.get("file"), "path", None)
+              for role, ad in getattr(pipe, "adapters", {}).items()}
+    refuse_overwriting_inputs({"output_name": out_path}, loaded)
+
+
 def make_train_config(settings: Optional[Mapping[str, Any]], *, stages: str, seed: int, role: str) -> "TrainConfig":
     """A validated :class:`TrainConfig` from front-end settings, the stage string, the seed and the role."""
     from .training.config import TrainConfig
