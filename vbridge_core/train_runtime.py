@@ -117,12 +117,18 @@ def merged_settings(settings: Optional[Mapping[str, Any]]) -> dict[str, Any]:
 
 def refuse_overwriting_loaded_loras(pipe: Any, out_path: Path) -> None:
     """Refuse an output LoRA path that is one of the LoRAs loaded in ``pipe`` (the restoration LoRA a
-    drift or turbo run starts from, the drift or accelerator LoRA): training would replace it (issue 9)."""
+    drift or turbo run starts from, the drift or accelerator LoRA): training would replace it (issue 9).
+    Also removes the temporaries a killed earlier run left beside the output and in its checkpoints."""
     from .outputs import refuse_overwriting_inputs
 
     loaded = {f"the loaded {role.replace('_', '-')} LoRA": getattr(ad.get("file"), "path", None)
               for role, ad in getattr(pipe, "adapters", {}).items()}
     refuse_overwriting_inputs({"output_name": out_path}, loaded)
+    from .outputs import clean_stale_temporaries
+    from .training.checkpoint import checkpoint_dir
+
+    for folder in (out_path.parent, checkpoint_dir(out_path)):  # what a killed earlier run left
+        clean_stale_temporaries(folder, recursive=False)
 
 
 def make_train_config(settings: Optional[Mapping[str, Any]], *, stages: str, seed: int, role: str) -> "TrainConfig":
