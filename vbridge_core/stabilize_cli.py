@@ -19,6 +19,7 @@ from typing import Callable
 
 from .cli_common import HelpFormatter, collect_inputs, parse_dtype
 from .errors import InputError
+from .validate import float_arg
 
 logger = logging.getLogger("vbridge_core")
 
@@ -38,8 +39,8 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     t.add_argument("--kind", choices=["controlled", "spatial"], default="spatial",
                    help="controlled: per-pixel mix weight; spatial: + per-pixel k x k fusion kernel")
     t.add_argument("--steps", type=int, default=300, help="training steps")
-    t.add_argument("--lr", type=float, default=3e-3, help="learning rate (Adam, cosine decay)")
-    t.add_argument("--stability-weight", type=float, default=0.4,
+    t.add_argument("--lr", type=float_arg("--lr", min=0, min_inclusive=False), default=3e-3, help="learning rate (Adam, cosine decay)")
+    t.add_argument("--stability-weight", type=float_arg("--stability-weight", min=0, hint="keep it under 0.5, the oracle bound (default 0.4)"), default=0.4,
                    help="lambda of the accuracy-stability loss; must stay under the collapse bound "
                    "(clip-frames - 1), and under 0.5 (the oracle bound) it never trades accuracy for stability")
     t.add_argument("--clip-frames", type=int, default=5, help="frames per training window (tau)")
@@ -57,7 +58,7 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     g.add_argument("--frames", type=int, default=12, help="frames per synthetic clip")
     g.add_argument("--clips-per-photo", type=int, default=4, help="synthetic clips per photo")
     g.add_argument("--size", type=int, default=96, help="synthetic clip frame side (pixels)")
-    g.add_argument("--restorer-error", type=float, default=0.05,
+    g.add_argument("--restorer-error", type=float_arg("--restorer-error", min=0, max=1), default=0.05,
                    help="std of the simulated restorer's per-frame error (0..1 units)")
 
     v = sub.add_parser("restore-video", formatter_class=fmt,
@@ -65,10 +66,10 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     v.add_argument("input", metavar="DIR", help="folder of frames (sorted by name, one size)")
     v.add_argument("--out", required=True, metavar="DIR", help="output folder for the restored frames")
     v.add_argument("--lora", metavar="FILE", help="V-Bridge restoration LoRA (.safetensors)")
-    v.add_argument("--lora-strength", type=float, default=1.0, help="restoration LoRA strength")
+    v.add_argument("--lora-strength", type=float_arg("--lora-strength"), default=1.0, help="restoration LoRA strength")
     st = v.add_mutually_exclusive_group()
     st.add_argument("--stabilizer", metavar="FILE", help="trained stabilizer file (train-stabilizer)")
-    st.add_argument("--ema", type=float, metavar="B", help="fixed EMA strength b in (0, 1] (1 = off)")
+    st.add_argument("--ema", type=float_arg("--ema", min=0, max=1, min_inclusive=False, hint="1 = off, smaller = stronger"), metavar="B", help="fixed EMA strength b in (0, 1] (1 = off)")
     v.add_argument("--batch-frames", type=int, default=8, help="frames restored per chunk (memory)")
     v.add_argument("--save-raw", action="store_true", help="also write the unstabilized frames to OUT/raw/")
     add_model_args(v)
