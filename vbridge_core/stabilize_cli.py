@@ -158,7 +158,10 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
     from .pipeline import VBridgePipeline
     from .stabilize import restore_video
     from .parallel_restore import cmd_restore_video_parallel, holds_clip_folders, wants_parallel
+    from .stabilize import load_stabilizer
 
+    if a.stabilizer:  # a missing, foreign or broken (NaN/inf) stabilizer file is refused before any model loads
+        load_stabilizer(a.stabilizer)
     if wants_parallel(a) or holds_clip_folders(Path(a.input)):
         return cmd_restore_video_parallel(a)  # several processes, --skip-existing, or a folder of clips
     src = Path(a.input)

@@ -1,0 +1,257 @@
+"""Bad-input battery, errors (issue 9 items 11, 12, 8, 13, 15, 16).
+
+- 11: NaN/inf (and out-of-range) floats are refused by every CLI float option and by the nodes, with
+  one ``error:`` line naming the option and its range; LoRA and stabilizer files holding NaN/inf
+  weights are refused on load, naming the file;
+- 12: Ctrl-C prints a non-empty reason and exits 130;
+- 8: UniPC runs more than 200 steps (diffusers' integer timesteps repeat there);
+- 13: ``train-stabilizer --clips`` takes the folder ``restore-video --save-raw`` wrote;
+- 15: the ``vbridge`` console script works from any folder after ``pip install -e .``;
+- 16: the demo writes under the temp dir; drift-mode training logs its restoration pass; no log
+  line repeats per run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vbridge_core.errors import InputError, ModelFileError
+from vbridge_core.images import save_png
+from vbridge_core.tiny import tiny_prompt_embeds
+
+from bad_input_kit import assert_one_error, digest, run_cli
+from tiny_files import procedural_photo, random_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# item 11: non-finite numbers
+# --------------------------------------------------------------------------------------------
+
+
+def _float_options() -> list[tuple[str, str]]:
+    """``(command, --option)`` for every option of the real parser whose type is a float check."""
+    from vbridge_core.cli import build_parser
+
+    found = []
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():  # noqa: SLF001
+        for act in sub._actions:  # noqa: SLF001
+            t = act.type
+            if t is float:
+                found.append((name, act.option_strings[0], "plain float"))
+            elif getattr(t, "__name__", "") in ("float", "float list") and t is not float:
+                found.append((name, act.option_strings[0], "checked"))
+    return found
+
+
+def test_no_cli_option_parses_plain_floats():
+    """Every float option goes through vbridge_core.validate (a plain ``type=float`` accepts nan)."""
+    opts = _float_options()
+    assert len(opts) >= 25, opts  # restore, drift-correct, train, train-stabilizer, restore-video, ...
+    assert [o for o in opts if o[2] == "plain float"] == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_every_cli_float_option_refuses_non_finite(tmp_path, capsys, value):
+    """Each float option of each command: one error line naming the option, exit 2, nothing written."""
+    before = digest(tmp_path)
+    opts = _float_options()
+    for command, opt, _ in opts:
+        # the value is checked as argparse reads it, before it looks for missing positionals
+        argv = [command, f"{opt}={value}", "--out", str(tmp_path / "out")]
+        rc, err = run_cli(argv, capsys)
+        assert_one_error(rc, err, opt, "finite number", "NaN and infinity are not allowed")
+    assert digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--shift", "0"], ["--shift", "> 0", "got 0"]),
+    (["--guidance", "0.5"], ["--guidance", ">= 1"]),
+    (["--start-sigma", "1.5"], ["--start-sigma", "in (0, 1]"]),
+    (["--guidance-skip-tail", "1"], ["--guidance-skip-tail", "in [0, 1)"]),
+    (["--sigmas", "1.0,0.5,nan"], ["--sigmas", "NaN", "1.0,0.5,nan"]),
+    (["--sigmas", "1.0,x"], ["--sigmas", "'x'"]),
+    (["--lora-strength", "abc"], ["--lora-strength", "'abc'"]),
+])
+def test_cli_float_ranges(tmp_path, capsys, argv, needles):
+    rc, err = run_cli(["restore", tmp_path / "in", "--out", tmp_path / "out", *argv], capsys)
+    assert_one_error(rc, err, *needles)
+
+
+def test_train_stabilizer_nan_weight_writes_nothing(tmp_path, capsys):
+    """The reported case: exit 0 and a stabilizer of NaN weights. Now refused before any work."""
+    save_png(procedural_photo(1, 48), tmp_path / "photos" / "p.png")
+    out = tmp_path / "models" / "s.safetensors"
+    before = digest(tmp_path)
+    for opt in ("--stability-weight", "--restorer-error", "--lr"):
+        for v in ("nan", "inf"):
+            rc, err = run_cli(["train-stabilizer", "--photos", tmp_path / "photos", "--out", out, opt, v,
+                               "--steps", "2", "--frames", "3", "--size", "24", "--crop", "16", "--hidden", "4"], capsys)
+            assert_one_error(rc, err, opt, "finite number")
+    assert digest(tmp_path) == before and not out.exists()
+
+
+def test_core_apis_refuse_non_finite():
+    """The library entry points the nodes call check too (ComfyUI's min/max checks let NaN through)."""
+    from vbridge_core import stabilize as S
+    from vbridge_core.sampler import SamplerSettings
+    from vbridge_core.training.config import TrainConfig
+    from vbridge_core.trajectory import alpha_schedule
+
+    clip = S.StabilizerClip(torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16))
+    for kw in (dict(stability_weight=math.nan), dict(stability_weight=math.inf), dict(learning_rate=math.inf)):
+        with pytest.raises(InputError, match="finite number"):
+            S.train_stabilizer([clip], "controlled", steps=1, crop=8, hidden=4, **kw)
+    with pytest.raises(InputError, match="restorer error"):
+        S.synthesize_clips([procedural_photo(0, 32)], n_frames=3, size=16, restorer_amplitude=math.nan)
+    for kw in (dict(learning_rate=math.inf), dict(weight_decay=math.nan), dict(max_grad_norm=math.nan),
+               dict(alpha=math.inf), dict(validation_fraction=math.nan), dict(quality_weighting=math.nan)):
+        with pytest.raises(InputError, match=list(kw)[0]):
+            TrainConfig(steps=1, resolution=32, **kw).validate()
+    with pytest.raises(InputError, match="alpha schedule"):
+        alpha_schedule([0, math.nan, 0.5, 0.7, 1], 5)
+    for kw in (dict(shift=math.nan), dict(guidance=math.nan), dict(guidance_skip_tail=math.nan),
+               dict(start_sigma=math.nan)):
+        with pytest.raises(InputError):
+            SamplerSettings(**kw).validate()
+
+
+def _nan_stabilizer(path: Path) -> Path:
+    """A stabilizer file whose weights are NaN (what the NaN stability weight used to write)."""
+    from vbridge_core import stabilize as S
+
+    st = S.LearnedStabilizer(S.StabilizerConfig(kind="controlled", channels=3, hidden=4, kernel_size=3))
+    with torch.no_grad():
+        for p in st.parameters():
+            p.fill_(math.nan)
+    return S.save_stabilizer(st, path)
+
+
+def test_nan_stabilizer_file_is_refused_before_any_frame(tmp_path, capsys, tiny_model_dir):
+    from vbridge_core import stabilize as S
+
+    bad = _nan_stabilizer(tmp_path / "bad.safetensors")
+    with pytest.raises(ModelFileError, match="NaN/inf"):
+        S.load_stabilizer(bad)
+    for t in range(2):
+        save_png(procedural_photo(t, 32), tmp_path / "frames" / f"f{t:03d}.png")
+    before = digest(tmp_path)
+    rc, err = run_cli(["restore-video", tmp_path / "frames", "--out", tmp_path / "out", "--model", tiny_model_dir,
+                       "--stabilizer", bad, "--steps", "1"], capsys)
+    assert_one_error(rc, err, str(bad), "NaN/inf", "retrain it")
+    assert digest(tmp_path) == before and not (tmp_path / "out" / "f000.png").exists()
+
+
+def test_nan_lora_file_is_refused(tmp_path, capsys, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from vbridge_core.lora import read_lora
+
+    good = random_lora(tmp_path / "good.safetensors", "restoration", 1)
+    tensors = load_file(str(good))
+    key = sorted(k for k in tensors if k.endswith("lora_down.weight") or k.endswith("lora_A.weight"))[0]
+    tensors[key][0, 0] = math.inf
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    read_lora(good)
+    with pytest.raises(ModelFileError, match="NaN/inf"):
+        read_lora(bad)
+    save_png(procedural_photo(0, 32), tmp_path / "in" / "a.png")
+    before = digest(tmp_path)
+    rc, err = run_cli(["restore", tmp_path / "in", "--out", tmp_path / "out", "--model", tiny_model_dir,
+                       "--lora", bad, "--steps", "1"], capsys)
+    assert_one_error(rc, err, str(bad), "NaN/inf", "retrain it")
+    assert digest(tmp_path) == before and not (tmp_path / "out" / "a.png").exists()
+
+
+def test_nodes_refuse_non_finite_floats(tmp_path, monkeypatch):
+    """Train Stabilizer with stability_weight NaN (ComfyUI's API lets it through) is refused before work."""
+    import nodes as pack
+    from tiny_files import call_node
+
+    monkeypatch.setenv("VBRIDGE_MODELS_DIR", str(tmp_path / "models"))
+    photos = procedural_photo(0, 48).permute(1, 2, 0)[None]
+    for w in (math.nan, math.inf):
+        with pytest.raises(InputError, match="stability_weight.*finite number"):
+            call_node("TrainStabilizer", kind="controlled", output_name="s", steps=1, stability_weight=w,
+                      clip_frames=3, degradation="none", seed=0, photos=photos)
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").rglob("*.safetensors"))
+    loader = pack.NODE_CLASS_MAPPINGS["LoadVBridge"]()
+    with pytest.raises(InputError, match="restoration_strength"):
+        loader.load(dit="x", vae="y", restoration_lora="none", restoration_strength=math.nan, drift_lora="none",
+                    drift_strength=1.0, precision="bf16", attention="auto", memory="keep on GPU")
+    from nodes import restore_nodes
+
+    monkeypatch.setattr(restore_nodes, "_check_model", lambda m: None)  # the floats are checked before any work
+    restore = pack.NODE_CLASS_MAPPINGS["RestoreTrajectory"]()
+    for kw, needle in ((dict(shift=math.nan), "shift"), (dict(guidance=math.inf), "guidance"),
+                       (dict(start_sigma=math.nan), "start_sigma")):
+        args = dict(vbridge_model=None, image=photos, frames=5, steps=1, seed=0, shift=5.0, solver="unipc",
+                    guidance=1.0)
+        args.update(kw)
+        with pytest.raises(InputError, match=needle):
+            restore.restore(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# item 12: Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_prints_a_reason(tmp_path, capsys, monkeypatch):
+    import vbridge_core.cli as cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_collect_inputs", interrupted)
+    before = digest(tmp_path)
+    capsys.readouterr()
+    rc = cli.main(["restore", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 130
+    lines = [ln for ln in err.splitlines() if ln.startswith("cancelled:")]
+    assert len(lines) == 1 and "cancelled: ;" not in lines[0] and "interrupted (Ctrl-C)" in lines[0], err
+    assert "Traceback" not in err and digest(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# item 8: UniPC with many steps
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps,shift,grid", [(201, 20.0, "diffusers"), (1000, 5.0, "diffusers"),
+                                              (1000, 5.0, "official")])
+def test_unipc_runs_more_than_200_steps(steps, shift, grid):
+    """diffusers' UniPC stores integer timesteps; past ~200 steps the first one repeats, the scheduler
+    started at its second match, skipped a sigma and hit an AssertionError on the last step."""
+    from vbridge_core.sampler import SamplerSettings, make_scheduler
+
+    sched, _ = make_scheduler(SamplerSettings(steps=steps, shift=shift, sigma_grid=grid))
+    x = torch.zeros(1, 4)
+    for t in sched.timesteps:  # a constant velocity of 1 integrates from x to x - (sigma_0 - 0)
+        x = sched.step(torch.ones(1, 4), t, x, return_dict=False)[0]
+    assert sched.step_index == steps
+    assert torch.allclose(x, torch.full_like(x, -float(sched.sigmas[0])), atol=1e-4)
+
+
+def test_unipc_many_steps_through_the_sampling_loop():
+    """The pipeline's own scheduler loop (what restore runs per image) with a stand-in DiT, 201 steps."""
+    from vbridge_core.sampler import SampleStats, SamplerSettings, _run_scheduler
+
+    settings = SamplerSettings(steps=201, shift=20.0).validate()
+    lat = torch.zeros(1, 2, 1, 2, 2)
+    stats, seen = SampleStats(), []
+    out = _run_scheduler(settings, lat, torch.zeros_like(lat), torch.ones_like(lat),
+                         lambda i, x, t: torch.ones_like(x), lambda info: seen.append(info.step), None, stats)
+    assert seen == list(range(1, 202)) and len(stats.sigmas) == 201
+    assert torch.isfinite(out).all()
