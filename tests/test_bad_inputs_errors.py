@@ -255,3 +255,49 @@ def test_unipc_many_steps_through_the_sampling_loop():
                          lambda i, x, t: torch.ones_like(x), lambda info: seen.append(info.step), None, stats)
     assert seen == list(range(1, 202)) and len(stats.sigmas) == 201
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------
+# item 13: train-stabilizer --clips on restore-video --save-raw output
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_stabilizer_takes_restore_video_output(tmp_path, capsys, tiny_model_dir):
+    """README: clips "as written by restore-video --save-raw". That exact output folder trains."""
+    from vbridge_core import stabilize as S
+
+    clip = tmp_path / "clip"
+    clean = S.camera_motion_clip(procedural_photo(4, 64), 3, size=32)
+    noisy = S.simulate_restorer(clean, seed=1, amplitude=0.1)
+    for t in range(3):
+        save_png(clean[t], clip / "hq" / f"f{t:03d}.png")
+        save_png(noisy[t], clip / "lq" / f"f{t:03d}.png")
+    lora = random_lora(tmp_path / "r.safetensors", "restoration", 1)
+    rc, err = run_cli(["restore-video", clip / "lq", "--out", clip / "restored", "--model", tiny_model_dir, "--lora",
+                       lora, "--ema", "0.5", "--steps", "1", "--save-raw"], capsys)
+    assert rc == 0, err
+    before = digest(tmp_path)
+    small = ["--steps", "2", "--crop", "16", "--hidden", "4", "--kind", "controlled"]
+    for i, src in enumerate((clip / "restored", clip, tmp_path)):  # the output itself, its clip, the clips' parent
+        out = tmp_path / "stab" / f"s{i}.safetensors"
+        rc, err = run_cli(["train-stabilizer", "--clips", src, "--out", out, *small], capsys)
+        assert rc == 0, err
+        st = S.load_stabilizer(out)
+        assert st.use_inputs  # the LQ frames were found through the recorded input folder (or clip/lq)
+    # it learns from the restorer's own frames (raw/), not the EMA-stabilized ones next to them
+    from vbridge_core.images import load_image
+    from vbridge_core.stabilize_cli import load_clip_folders
+
+    raw = torch.stack([load_image(clip / "restored" / "raw" / f"f{t:03d}.png") for t in range(3)])
+    for src in (clip / "restored", clip):
+        (c,) = load_clip_folders([str(src)])
+        assert torch.equal(c.restored, raw) and c.inputs is not None
+    after = digest(tmp_path, skip=[tmp_path / "stab"])
+    assert after == before
+    # without clean frames: one error line saying where to put them
+    (clip / "hq").rename(tmp_path / "elsewhere")
+    before = digest(tmp_path)
+    rc, err = run_cli(["train-stabilizer", "--clips", clip / "restored", "--out", tmp_path / "x.safetensors", *small],
+                      capsys)
+    assert_one_error(rc, err, "no clean frames", str(clip / "hq"))
+    assert digest(tmp_path) == before

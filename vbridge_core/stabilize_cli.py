@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from .cli_common import HelpFormatter, collect_inputs, parse_dtype
+from .cli_common import IMAGE_EXTS, HelpFormatter, collect_inputs, parse_dtype
 from .errors import InputError
 from .validate import float_arg
 
@@ -93,36 +93,117 @@ def _frames(folder: Path, what: str):
     return torch.stack(frames)
 
 
+VIDEO_SETTINGS = "vbridge_video_settings.json"
+
+
+def _is_video_output(p: Path) -> bool:
+    """A ``restore-video`` output of one clip: its settings file, or ``raw/`` inside a folder-of-clips output."""
+    return (p / VIDEO_SETTINGS).is_file() or ((p / "raw").is_dir() and (p.parent / VIDEO_SETTINGS).is_file())
+
+
+def _is_clip(p: Path) -> bool:
+    """A clip folder: ``restored/`` or ``hq/`` frame folders, or a ``restore-video`` output of one clip."""
+    return (p / "restored").is_dir() or (p / "hq").is_dir() or _is_video_output(p)
+
+
+def _is_clips_output(p: Path) -> bool:
+    """A ``restore-video`` output of a folder of clips: the settings file on top, one folder per clip below."""
+    return (p / VIDEO_SETTINGS).is_file() and not (p / "raw").is_dir() and not any(
+        f.suffix.lower() in IMAGE_EXTS for f in p.iterdir() if f.is_file())
+
+
 def _clip_dirs(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
-        if (p / "restored").is_dir() or (p / "hq").is_dir():
+        if _is_clip(p) and not _is_clips_output(p):
             out.append(p)
         elif p.is_dir():
-            subs = sorted(q for q in p.iterdir() if q.is_dir() and ((q / "restored").is_dir() or (q / "hq").is_dir()))
+            subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_clip(q))
             if not subs:
-                raise InputError(f"{p} holds no clip folders (each needs restored/ and hq/ frame folders)")
+                raise InputError(f"{p} holds no clip folders (each needs restored/ and hq/ frame folders, or is "
+                                 f"a `restore-video --save-raw` output folder with hq/ beside its input)")
             out.extend(subs)
         else:
             raise InputError(f"clip folder {p} does not exist")
     return out
 
 
-def load_clip_folders(paths: list[str], use_inputs: bool = True) -> list:
-    """Real training clips: folders with ``restored/`` + ``hq/`` (+ ``lq/``) frames, or parents of such folders.
+def _video_settings(folder: Path) -> dict:
+    """The ``vbridge_video_settings.json`` of a restore-video output folder, or of its parent (folder of clips)."""
+    import json
 
-    Returns :class:`~vbridge_core.stabilize.StabilizerClip` objects (``inputs`` from ``lq/`` when
-    present and ``use_inputs``); frames are matched by sorted file name.
+    for f in (folder / VIDEO_SETTINGS, folder.parent / VIDEO_SETTINGS):
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise InputError(f"{f} is not readable JSON ({e}); rerun restore-video to rewrite it") from None
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
+def _restored_frames(out: Path, settings: Optional[dict] = None) -> Path:
+    """The restorer's own frames in a ``restore-video`` output: ``raw/``, or the frames themselves when no
+    stabilizer was used; stabilized frames without ``raw/`` are refused (a stabilizer learns from raw ones)."""
+    if (out / "raw").is_dir():
+        return out / "raw"
+    settings = _video_settings(out) if settings is None else settings
+    if settings.get("stabilizer") or settings.get("ema") is not None:
+        raise InputError(f"{out} holds stabilized frames without raw/: a stabilizer must learn from the "
+                         f"restorer's own frames; rerun restore-video with --save-raw (and the same --out)")
+    return out
+
+
+def _restore_video_output(out: Path, clip_name: str = "") -> tuple[Path, Optional[Path], Path]:
+    """``(restored, lq or None, hq)`` frame folders of a ``restore-video --save-raw`` output folder ``out``.
+
+    The restorer's own (unstabilized) frames are ``out/raw/``; the LQ frames are the input folder the
+    settings file records (``input/<clip>`` for a folder of clips); the clean frames are ``out/hq/`` or
+    an ``hq/`` folder beside that input folder (the ``clip/lq`` + ``clip/hq`` layout).
+    """
+    settings = _video_settings(out)
+    raw = _restored_frames(out, settings)
+    src = settings.get("input")
+    lq = Path(src) if src else None
+    if lq is not None and clip_name and (lq / clip_name).is_dir():
+        lq = lq / clip_name  # a folder of clips: each clip's frames are input/<clip>
+    if lq is not None and not lq.is_dir():
+        lq = None
+    candidates = [out / "hq"] + ([lq.parent / "hq"] if lq is not None else [])
+    hq = next((c for c in candidates if c.is_dir()), None)
+    if hq is None:
+        raise InputError(f"{out} is a restore-video output but no clean frames were found for it: put the clean "
+                         f"(HQ) frames, same file names, in {' or '.join(str(c) for c in candidates)}")
+    return raw, lq, hq
+
+
+def load_clip_folders(paths: list[str], use_inputs: bool = True) -> list:
+    """Real training clips, frames matched by sorted file name. Each path is a clip folder or a parent of such:
+
+    * ``restored/`` + ``hq/`` (+ ``lq/``) frame folders; when ``restored/`` is a ``restore-video
+      --save-raw`` output, its ``raw/`` frames (the restorer's own, unstabilized) are used;
+    * a ``restore-video --save-raw`` output folder itself: ``raw/`` frames, the recorded input
+      folder as ``lq``, and clean frames from its ``hq/`` or an ``hq/`` beside the input folder.
+
+    Returns :class:`~vbridge_core.stabilize.StabilizerClip` objects (``inputs`` from the LQ frames when
+    present and ``use_inputs``).
     """
     from .stabilize import StabilizerClip
 
     clips = []
     for d in _clip_dirs(paths):
-        if not (d / "restored").is_dir():
+        if (d / "restored").is_dir():  # clip/{restored,hq,lq}; restored/ may be a restore-video output
+            restored_dir, lq_dir, hq_dir = d / "restored", d / "lq", d / "hq"
+            if _is_video_output(restored_dir):
+                restored_dir = _restored_frames(restored_dir)
+        elif _is_video_output(d):  # the restore-video output folder itself (one clip of a folder of clips)
+            clip_name = "" if (d / VIDEO_SETTINGS).is_file() else d.name
+            restored_dir, lq_dir, hq_dir = _restore_video_output(d, clip_name)
+        else:
             raise InputError(f"{d} has no restored/ folder: restore its lq/ frames first, e.g. "
-                             f"`python -m vbridge_core restore-video {d / 'lq'} --out {d / 'restored'} ...`")
-        restored, hq = _frames(d / "restored", "restored"), _frames(d / "hq", "hq")
-        lq = _frames(d / "lq", "lq") if (d / "lq").is_dir() and use_inputs else None
+                             f"`python -m vbridge_core restore-video {d / 'lq'} --out {d / 'restored'} --save-raw ...`")
+        restored, hq = _frames(restored_dir, "restored"), _frames(hq_dir, "hq")
+        lq = _frames(lq_dir, "lq") if lq_dir is not None and lq_dir.is_dir() and use_inputs else None
         clips.append(StabilizerClip(restored, hq, lq, name=d.name))
     return clips
 
