@@ -301,3 +301,75 @@ def test_train_stabilizer_takes_restore_video_output(tmp_path, capsys, tiny_mode
                       capsys)
     assert_one_error(rc, err, "no clean frames", str(clip / "hq"))
     assert digest(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# item 15: the console script
+# --------------------------------------------------------------------------------------------
+
+
+def _pip_install_ready() -> str:
+    """Why the install test cannot run here ('' when it can): it needs pip and setuptools>=77 offline."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # not imported: importing setuptools inside pytest trips its distutils hack
+        v = version("setuptools")
+        version("pip")
+    except PackageNotFoundError as e:
+        return f"pip/setuptools not installed ({e})"
+    if int(v.split(".")[0]) < 77:
+        return f"setuptools {v} < 77 (pyproject's build requirement)"
+    return ""
+
+
+@pytest.mark.skipif(bool(_pip_install_ready()), reason=_pip_install_ready() or "ready")
+def test_console_script_from_any_folder(tmp_path):
+    """``pip install -e .`` (offline, into a throwaway venv that sees this environment's packages) gives a
+    ``vbridge`` command and ``python -m vbridge_core`` that work from any folder, and installs no top-level
+    ``nodes`` package (it would shadow ComfyUI's own ``nodes`` module); the wheel carries the package data."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    import venv
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "__init__.py"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("vbridge_core", "nodes"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, diffusers, setuptools
+    pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-build-isolation",
+           "--no-index"]
+    r = subprocess.run([*pip, "-e", str(src)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([str(env_dir / "bin" / "vbridge"), "restore", "--help"], cwd=elsewhere, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "usage: vbridge restore" in r.stdout, r.stderr
+    r = subprocess.run([str(env_dir / "bin" / "vbridge"), "restore", "x", "--out", "o", "--guidance", "nan"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: --guidance"), r.stderr
+    r = subprocess.run([str(py), "-c", "import vbridge_core, importlib.util as u; print(vbridge_core.__file__); "
+                        "print(u.find_spec('nodes'))"], cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and str(src / "vbridge_core") in r.stdout and r.stdout.split()[-1] == "None", r.stdout
+    assert list(elsewhere.iterdir()) == []
+    # the wheel (a plain pip install) holds only vbridge_core, with its configs, assets and perceiver weights
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-w", str(tmp_path / "whl"), str(src)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names = zipfile.ZipFile(next((tmp_path / "whl").glob("*.whl"))).namelist()
+    assert {n.split("/")[0] for n in names if not n.startswith("comfyui_vbridge-")} == {"vbridge_core"}
+    for want in ("vbridge_core/configs/wan22_vae.json", "vbridge_core/perceive/perceiver.safetensors",
+                 "vbridge_core/assets/README.md", "vbridge_core/validate.py"):
+        assert want in names, want
+    assert any(n.startswith("vbridge_core/assets/samples/") for n in names)

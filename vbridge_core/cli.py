@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .parallel_restore import add_skip_existing_arg
 
     fmt = HelpFormatter
-    p = argparse.ArgumentParser(prog="python -m vbridge_core", description="V-Bridge: few-shot image restoration with "
+    prog = "vbridge" if Path(sys.argv[0] if sys.argv else "").name == "vbridge" else "python -m vbridge_core"
+    p = argparse.ArgumentParser(prog=prog, description="V-Bridge: few-shot image restoration with "
                                 "the Wan2.2-TI2V-5B video diffusion transformer.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
