@@ -373,3 +373,46 @@ def test_console_script_from_any_folder(tmp_path):
                  "vbridge_core/assets/README.md", "vbridge_core/validate.py"):
         assert want in names, want
     assert any(n.startswith("vbridge_core/assets/samples/") for n in names)
+
+
+# --------------------------------------------------------------------------------------------
+# item 16: demo folder, drift-mode progress
+# --------------------------------------------------------------------------------------------
+
+
+def test_demo_writes_under_the_temp_folder_not_the_current_one(tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    import vbridge_core.demo as demo
+    from vbridge_core.cli import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.append(Path(out)) or {})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systmp"))
+    cwd = tmp_path / "repo"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with caplog.at_level("INFO", logger="vbridge_core"):
+        assert main(["demo", "--train-steps", "1", "--steps", "1"]) == 0
+    assert seen == [tmp_path / "systmp" / "vbridge_demo"] and list(cwd.iterdir()) == []
+    assert any(str(seen[0]) in r.getMessage() for r in caplog.records)  # it says where
+    assert "vbridge_demo/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_drift_training_logs_its_restoration_pass(tmp_path, capsys, caplog, tiny_model_dir):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        save_png(torch.rand(3, 32, 32, generator=g), tmp_path / "pairs" / "hq" / f"p{i}.png")
+        save_png(torch.rand(3, 32, 32, generator=g), tmp_path / "pairs" / "lq" / f"p{i}.png")
+    save_file({"prompt_embeds": tiny_prompt_embeds()}, str(tmp_path / "emb.safetensors"))
+    lora = random_lora(tmp_path / "r.safetensors", "restoration", 1)
+    with caplog.at_level("INFO", logger="vbridge_core"):
+        rc, err = run_cli(["train", "--mode", "drift", "--restoration-lora", lora, "--pairs", tmp_path / "pairs",
+                           "--prompt-embeds", tmp_path / "emb.safetensors", "--out", tmp_path / "out" / "d.safetensors",
+                           "--model", tiny_model_dir, "--steps", "1", "--resolution", "32", "--restore-steps", "1",
+                           "--val-fraction", "0", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drift data: restored")]
+    assert [ln.split(" (")[0] for ln in lines] == [f"drift data: restored {k}/3 training LQs" for k in (1, 2, 3)]

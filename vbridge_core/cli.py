@@ -254,9 +254,11 @@ def _perceive_cli(name: str):
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import default_demo_dir, run_demo
 
-    run_demo(Path(a.out), train_steps=a.train_steps, steps=a.steps, seed=a.seed)
+    out = Path(a.out) if a.out else default_demo_dir()
+    logger.info("demo outputs go to %s%s", out, "" if a.out else " (a temporary folder; --out DIR to choose)")
+    run_demo(out, train_steps=a.train_steps, steps=a.steps, seed=a.seed)
     return 0
 
 
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="offline smoke test: tiny model, train -> restore -> drift-correct",
                        formatter_class=fmt)
-    m.add_argument("--out", default="vbridge_demo", metavar="DIR", help="output folder")
+    m.add_argument("--out", default=None, metavar="DIR", help="output folder (default: vbridge_demo in the system "
+                   "temp folder, never the current folder)")
     m.add_argument("--train-steps", type=int, default=60, help="LoRA training steps per stage")
     m.add_argument("--steps", type=int, default=20, help="sampling steps")
     m.add_argument("--seed", type=int, default=0, help="seed")
