@@ -70,7 +70,7 @@ def test_every_cli_float_option_refuses_non_finite(tmp_path, capsys, value):
 
 
 @pytest.mark.parametrize("argv,needles", [
-    (["--shift", "0"], ["--shift", "> 0", "got 0"]),
+    (["--shift", "0"], ["--shift", "positive finite number", "got 0"]),
     (["--guidance", "0.5"], ["--guidance", ">= 1"]),
     (["--start-sigma", "1.5"], ["--start-sigma", "in (0, 1]"]),
     (["--guidance-skip-tail", "1"], ["--guidance-skip-tail", "in [0, 1)"]),

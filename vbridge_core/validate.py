@@ -27,6 +27,8 @@ def describe_range(min: Optional[float] = None, max: Optional[float] = None, *, 
     if min is not None and max is not None:
         return f"a finite number in {'[' if min_inclusive else '('}{_fmt(min)}, {_fmt(max)}{']' if max_inclusive else ')'}"
     if min is not None:
+        if min == 0 and not min_inclusive:
+            return "a positive finite number"
         return f"a finite number {'>=' if min_inclusive else '>'} {_fmt(min)}"
     if max is not None:
         return f"a finite number {'<=' if max_inclusive else '<'} {_fmt(max)}"
