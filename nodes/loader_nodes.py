@@ -165,8 +165,14 @@ class LoadVBridge:
         from vbridge_core.pipeline import default_device
         from vbridge_core.runtime import file_signature, load_pipeline
 
+        from vbridge_core.validate import finite_float
+
         if memory not in MEMORY_MODES:
             raise InputError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
+        # before any model loads: NaN/inf strengths would turn every output into NaN
+        restoration_strength = finite_float("restoration_strength", restoration_strength, hint="1.0 = as trained")
+        drift_strength = finite_float("drift_strength", drift_strength, hint="1.0 = as trained")
+        accelerator_strength = finite_float("accelerator_strength", accelerator_strength, hint="1.0 = as distilled")
         device = comfy_bridge.torch_device()
         if device is None:
             device = default_device()

@@ -184,8 +184,10 @@ class AutoRestore:
 
         from vbridge_core.images import bchw_to_comfy
         from vbridge_core.perceive.routing import auto_restore, scan_lora_dir
+        from vbridge_core.validate import finite_float
 
         _check_model(vbridge_model)
+        lora_strength = finite_float("lora_strength", lora_strength, hint="1.0 = as trained")
         loras = scan_lora_dir(_lora_folder(lora_folder))
         imgs = _images(image)
         names = [f"image {i}" for i in range(len(imgs))]

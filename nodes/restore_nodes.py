@@ -72,6 +72,16 @@ _SKIP_TIP = ("Fraction of the last steps run without the negative pass when guid
              "paper uses 0.15, i.e. 7 of 50 steps).")
 
 
+def _sampler_floats(shift: Any, guidance: Any, guidance_skip_tail: Any) -> tuple[float, float, float]:
+    """The node's float sampler inputs checked to be finite and in range (ComfyUI's own min/max checks let
+    NaN through over the API, since every comparison with NaN is false)."""
+    from vbridge_core.validate import finite_float
+
+    return (finite_float("shift", shift, min=0, min_inclusive=False, hint="Wan default 5.0"),
+            finite_float("guidance", guidance, min=1, hint="1.0 = no negative-prompt pass"),
+            finite_float("guidance_skip_tail", guidance_skip_tail, min=0, max=1, max_inclusive=False))
+
+
 def _preset_inputs(guidance_default: float = 1.0) -> dict[str, Any]:
     """The recipe widgets shared by RestoreTrajectory and DriftCorrect (appended after the older ones)."""
     from vbridge_core.presets import CUSTOM, preset_choices
@@ -226,12 +236,15 @@ class RestoreTrajectory:
                 guidance_skip_tail: float = 0.0) -> tuple[Any, Any, str]:
         """Restore ``image`` and return ``(restored, trajectory, info)``."""
         from vbridge_core.runtime import format_info
+        from vbridge_core.validate import finite_float
 
         _check_model(vbridge_model)
-        kw = _settings(preset, vbridge_model, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift),
-                       solver=solver, guidance=float(guidance), sigma_grid=sigma_grid,
-                       guidance_skip_tail=float(guidance_skip_tail), sigmas=parse_sigmas(sigmas),
-                       start_sigma=None if float(start_sigma) >= 1.0 else float(start_sigma))
+        shift, guidance, guidance_skip_tail = _sampler_floats(shift, guidance, guidance_skip_tail)
+        start_sigma = finite_float("start_sigma", start_sigma, min=0, max=1, min_inclusive=False, hint="1 = pure noise")
+        kw = _settings(preset, vbridge_model, frames=int(frames), steps=int(steps), seed=int(seed), shift=shift,
+                       solver=solver, guidance=guidance, sigma_grid=sigma_grid,
+                       guidance_skip_tail=guidance_skip_tail, sigmas=parse_sigmas(sigmas),
+                       start_sigma=None if start_sigma >= 1.0 else start_sigma)
         final, traj, result = run_on_comfy_images(vbridge_model, image, "restoration", cache=cache, **kw,
                                                   **_prompt_kwargs(vbridge_model, conditioning, negative, kw))
         result.info["preset"] = preset
@@ -289,9 +302,10 @@ class DriftCorrect:
         if "drift_correction" not in vbridge_model.adapters:
             raise InputError("this V-Bridge model has no drift-correction LoRA: pick one as 'drift_lora' in "
                              "'V-Bridge Load Model' (a LoRA trained for drift correction, in models/loras/vbridge/)")
-        kw = _settings(preset, vbridge_model, frames=int(frames), steps=int(steps), seed=int(seed), shift=float(shift),
-                       solver=solver, guidance=float(guidance), sigma_grid=sigma_grid,
-                       guidance_skip_tail=float(guidance_skip_tail))
+        shift, guidance, guidance_skip_tail = _sampler_floats(shift, guidance, guidance_skip_tail)
+        kw = _settings(preset, vbridge_model, frames=int(frames), steps=int(steps), seed=int(seed), shift=shift,
+                       solver=solver, guidance=guidance, sigma_grid=sigma_grid,
+                       guidance_skip_tail=guidance_skip_tail)
         kw.pop("release_size", None)  # the drift pass refines an already restored (already fitted) image
         final, traj, _ = run_on_comfy_images(vbridge_model, image, "drift_correction", **kw,
                                              **_prompt_kwargs(vbridge_model, conditioning, negative, kw))

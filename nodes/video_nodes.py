@@ -136,7 +136,10 @@ class RestoreVideo:
         name = ""
         spec: Any = None
         if stabilizer == "ema":
-            spec = float(ema_strength)
+            from vbridge_core.validate import finite_float
+
+            spec = finite_float("ema_strength", ema_strength, min=0, max=1, min_inclusive=False,
+                                hint="1 = off, smaller = stronger")
         elif stabilizer == "learned":
             spec, path = _learned_stabilizer(stabilizer_file, getattr(vbridge_model, "device", None))
             name = path.name
@@ -243,6 +246,11 @@ class TrainStabilizer:
 
         if kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
+        from vbridge_core.validate import finite_float
+
+        # NaN passes `>= bound` and trained a stabilizer of NaN weights: refuse non-finite values first
+        stability_weight = finite_float("stability_weight", stability_weight, min=0,
+                                        hint="keep it under 0.5, the oracle bound (default 0.4)")
         bound = collapse_bound(int(clip_frames))
         if float(stability_weight) >= bound:  # refuse before any work (train_stabilizer checks it again)
             raise InputError(f"stability_weight {stability_weight:g} is at or above the collapse bound {bound:g} "

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .cli_common import IMAGE_EXTS, HelpFormatter
 from .errors import InputError
+from .validate import float_arg
 
 logger = logging.getLogger("vbridge_core")
 
@@ -197,9 +198,9 @@ def add_benchmark_parser(sub, add_model_args: Callable[..., None], add_sampler_a
     b.add_argument("--limit", type=int, default=None, metavar="N", help="first N pairs of each task (quick runs)")
     b.add_argument("--tasks", default=None, help="comma-separated task names to run (default: all)")
     b.add_argument("--lora", metavar="FILE", help="V-Bridge restoration LoRA (.safetensors)")
-    b.add_argument("--lora-strength", type=float, default=1.0, help="restoration LoRA strength")
+    b.add_argument("--lora-strength", type=float_arg("--lora-strength"), default=1.0, help="restoration LoRA strength")
     b.add_argument("--drift-lora", metavar="FILE", help="drift-correction LoRA: refines each restored image")
-    b.add_argument("--drift-strength", type=float, default=1.0, help="drift-correction LoRA strength")
+    b.add_argument("--drift-strength", type=float_arg("--drift-strength"), default=1.0, help="drift-correction LoRA strength")
     b.add_argument("--drift-frames", type=int, default=None, help="frames of the drift trajectory (default: --frames)")
     b.add_argument("--drift-steps", type=int, default=None, help="steps of the drift pass (default: --steps)")
     add_model_args(b)

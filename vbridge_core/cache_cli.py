@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .cli_common import HelpFormatter, collect_inputs, parse_dtype
 from .errors import InputError
+from .validate import float_arg
 
 logger = logging.getLogger("vbridge_core")
 
@@ -31,10 +32,10 @@ def add_cache_parser(sub, add_model_args: Callable[..., None], add_sampler_args:
     c.add_argument("inputs", nargs="+", metavar="IN", help="degraded images (or folders) to calibrate on")
     c.add_argument("--out", required=True, metavar="DIR", help="folder for magcache.json and cache_report.json")
     c.add_argument("--lora", metavar="FILE", help="V-Bridge restoration LoRA (.safetensors)")
-    c.add_argument("--lora-strength", type=float, default=1.0, help="restoration LoRA strength")
+    c.add_argument("--lora-strength", type=float_arg("--lora-strength"), default=1.0, help="restoration LoRA strength")
     c.add_argument("--evaluate", nargs="*", default=None, metavar="SPEC",
                    help="caches to evaluate after calibrating (default: fbc and the new MagCache file)")
-    c.add_argument("--mag-threshold", type=float, default=None, help="MagCache threshold to evaluate (default 0.06)")
+    c.add_argument("--mag-threshold", type=float_arg("--mag-threshold", min=0, min_inclusive=False), default=None, help="MagCache threshold to evaluate (default 0.06)")
     add_model_args(c)
     add_sampler_args(c)
 

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from .cli_common import HelpFormatter, collect_inputs as _collect_inputs, parse_dtype as _dtype
 from .errors import Cancelled, InputError, VBridgeError
+from .validate import float_arg, float_list_arg
 
 logger = logging.getLogger("vbridge_core")
 
@@ -46,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     g.add_argument("--accelerator-lora", metavar="FILE", help="step-distilled base as a LoRA (e.g. Kijai's "
                    "Wan2_2_5B_FastWanFullAttn_lora_rank_128_bf16.safetensors), always active under the V-Bridge LoRAs; "
                    "use with --preset turbo")
-    g.add_argument("--accelerator-strength", type=float, default=1.0, help="accelerator LoRA strength (default 1.0)")
+    g.add_argument("--accelerator-strength", type=float_arg("--accelerator-strength"), default=1.0, help="accelerator LoRA strength (default 1.0)")
     g.add_argument("--allow-partial", action="store_true", help="apply the layers of a LoRA that fit this model and "
                    "list the rest (LoHa/LoKr/DoRA keys, other architectures' layers) instead of refusing the LoRA")
 
@@ -66,13 +67,13 @@ def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
     g.add_argument("--seed", type=int, default=0, help="seed; every frame uses this seed (default 0)" if video else
                    "seed; image i of the run uses seed+i (default 0)")
-    g.add_argument("--shift", type=float, default=None, help="flow shift (default 5.0)")
+    g.add_argument("--shift", type=float_arg("--shift", min=0, min_inclusive=False), default=None, help="flow shift (default 5.0)")
     g.add_argument("--solver", choices=["unipc", "euler", "x0_renoise"], default=None,
                    help="unipc (default), euler, or x0_renoise (the DMD few-step sampler of step-distilled bases)")
     g.add_argument("--sigmas", type=_sigma_list, default=None, metavar="S1,S2,...",
                    help="explicit descending sigma list in (0,1], e.g. 1.0,0.757,0.522 (terminal 0 implied); "
                    "replaces --steps/--shift/--sigma-grid")
-    g.add_argument("--start-sigma", type=float, default=None, metavar="S",
+    g.add_argument("--start-sigma", type=float_arg("--start-sigma", min=0, max=1, min_inclusive=False), default=None, metavar="S",
                    help="start from the LQ image noised to sigma S in (0,1] instead of pure noise (SDEdit-style); "
                    "the schedule then covers sigmas <= S")
     g.add_argument("--cache", default=None, metavar="SPEC",
@@ -82,9 +83,9 @@ def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video
                    help="run the conditional and unconditional passes as two DiT calls instead of one batched call")
     g.add_argument("--sigma-grid", choices=["diffusers", "official"], default=None,
                    help="sigma grid: diffusers' UniPC flow grid (default) or the official Wan grid")
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--guidance", type=float_arg("--guidance", min=1, hint="1.0 = no negative-prompt pass"), default=None,
                    help="classifier-free guidance; 1.0 (default) = one DiT call per step, >1 adds a negative pass")
-    g.add_argument("--guidance-skip-tail", type=float, default=None,
+    g.add_argument("--guidance-skip-tail", type=float_arg("--guidance-skip-tail", min=0, max=1, max_inclusive=False), default=None,
                    help="fraction of the last steps without the negative pass (default 0; paper 0.15)")
     g.add_argument("--release-size", action=argparse.BooleanOptionalAction, default=None,
                    help="the release's size rule: inputs larger than 1440x2560 are resized to an area <= 2560x1440 "
@@ -97,11 +98,8 @@ def _add_sampler_args(p: argparse.ArgumentParser, frames_default: int = 5, video
 
 
 def _sigma_list(text: str) -> list[float]:
-    """``--sigmas 1.0,0.757,0.522`` as a list of floats (checked later by the sampler)."""
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sigmas takes comma-separated numbers such as 1.0,0.757,0.522, got {text!r}")
+    """``--sigmas 1.0,0.757,0.522`` as a list of finite floats in (0, 1] (the order is checked by the sampler)."""
+    return float_list_arg("--sigmas", min=0, max=1, min_inclusive=False)(text)
 
 
 def _sampler_kwargs(a: argparse.Namespace, frames_default: int = 5, lora: Any = None) -> dict[str, Any]:
@@ -307,9 +305,11 @@ def _perceive_cli(name: str):
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import default_demo_dir, run_demo
 
-    run_demo(Path(a.out), train_steps=a.train_steps, steps=a.steps, seed=a.seed)
+    out = Path(a.out) if a.out else default_demo_dir()
+    logger.info("demo outputs go to %s%s", out, "" if a.out else " (a temporary folder; --out DIR to choose)")
+    run_demo(out, train_steps=a.train_steps, steps=a.steps, seed=a.seed)
     return 0
 
 
@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .parallel_restore import add_skip_existing_arg
 
     fmt = HelpFormatter
-    p = argparse.ArgumentParser(prog="python -m vbridge_core", description="V-Bridge: few-shot image restoration with "
+    prog = "vbridge" if Path(sys.argv[0] if sys.argv else "").name == "vbridge" else "python -m vbridge_core"
+    p = argparse.ArgumentParser(prog=prog, description="V-Bridge: few-shot image restoration with "
                                 "the Wan2.2-TI2V-5B video diffusion transformer.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -326,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", metavar="IN", help="degraded images or folders of images")
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     r.add_argument("--lora", metavar="FILE", help="V-Bridge restoration LoRA (.safetensors)")
-    r.add_argument("--lora-strength", type=float, default=1.0, help="restoration LoRA strength")
+    r.add_argument("--lora-strength", type=float_arg("--lora-strength"), default=1.0, help="restoration LoRA strength")
     r.add_argument("--drift-lora", metavar="FILE", help="drift-correction LoRA: refines the restored frame")
-    r.add_argument("--drift-strength", type=float, default=1.0, help="drift-correction LoRA strength")
+    r.add_argument("--drift-strength", type=float_arg("--drift-strength"), default=1.0, help="drift-correction LoRA strength")
     r.add_argument("--drift-frames", type=int, default=None, help="frames of the drift trajectory (default: --frames)")
     r.add_argument("--drift-steps", type=int, default=None, help="steps of the drift pass (default: --steps)")
     _add_model_args(r)
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="+", metavar="IN", help="restored images or folders")
     d.add_argument("--out", required=True, metavar="DIR", help="output folder")
     d.add_argument("--drift-lora", required=True, metavar="FILE", help="drift-correction LoRA")
-    d.add_argument("--drift-strength", type=float, default=1.0, help="LoRA strength")
+    d.add_argument("--drift-strength", type=float_arg("--drift-strength"), default=1.0, help="LoRA strength")
     d.add_argument("--drift-frames", type=int, default=None, help="frames of the drift trajectory (default 5)")
     d.add_argument("--drift-steps", type=int, default=None, help="steps (default 50)")
     _add_model_args(d)
@@ -371,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="offline smoke test: tiny model, train -> restore -> drift-correct",
                        formatter_class=fmt)
-    m.add_argument("--out", default="vbridge_demo", metavar="DIR", help="output folder")
+    m.add_argument("--out", default=None, metavar="DIR", help="output folder (default: vbridge_demo in the system "
+                   "temp folder, never the current folder)")
     m.add_argument("--train-steps", type=int, default=60, help="LoRA training steps per stage")
     m.add_argument("--steps", type=int, default=20, help="sampling steps")
     m.add_argument("--seed", type=int, default=0, help="seed")
@@ -380,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    try:  # the float options' type= checks raise InputError (NaN, inf, out of range): one error line too
+        args = build_parser().parse_args(argv)
+    except VBridgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("diffusers", "transformers", "peft", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -393,7 +399,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:
-        print(f"cancelled: {e or 'interrupted'}; no partial output was written", file=sys.stderr)
+        # str(e), not e: a KeyboardInterrupt object is always truthy but prints as an empty string
+        reason = str(e) or "interrupted (Ctrl-C)"
+        print(f"cancelled: {reason}; no partial output was written", file=sys.stderr)
         return 130
     except VBridgeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,6 +35,14 @@ def load_sample_pairs(root: Path = SAMPLES) -> list[tuple[str, torch.Tensor, tor
     return pairs
 
 
+def default_demo_dir() -> Path:
+    """Where the demo writes when no folder is given: ``vbridge_demo`` in the system temp folder (not the
+    current folder, which is often the repository)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "vbridge_demo"
+
+
 def run_demo(out: Path, train_steps: int = 60, steps: int = 20, seed: int = 0) -> dict:
     """Run the demo into ``out`` and return the measured PSNRs (mean over the sample pairs)."""
     from .fileio import ensure_writable_dir, write_json_atomic

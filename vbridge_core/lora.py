@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -622,8 +623,16 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     """
     p, adapter_config = _peft_files(Path(path))
     tensors, header = _load_safetensors(p)
+    from .validate import check_finite_tensors
+
+    fix = "re-download it, or retrain it (a training run with a non-finite setting or a diverged loss writes such files)"
+    check_finite_tensors(tensors, p, "LoRA", fix)
     lora = parse_lora_state_dict(tensors, header, source=str(p), adapter_config=adapter_config)
     lora.path = p
+    bad_alpha = [n for n, layer in lora.weights.items() if not math.isfinite(float(layer.alpha))]
+    if bad_alpha or not math.isfinite(float(lora.alpha)):
+        raise ModelFileError(f"LoRA file {p} holds NaN/inf values (alpha of {', '.join(bad_alpha[:3]) or 'the file'}): "
+                             f"it is broken and would turn every output into NaN; {fix}")
     if lora.unmapped_keys:
         logger.debug("%s: %d keys not mapped to Wan layers: %s", p, len(lora.unmapped_keys), lora.unmapped_keys[:_MAX_LISTED])
     return lora

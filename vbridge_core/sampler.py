@@ -241,6 +241,7 @@ def make_scheduler(settings: SamplerSettings, device: torch.device | str = "cpu"
         else:
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
         sched.set_timesteps(sigmas=np.asarray(planned, dtype=np.float64), device=device)
+        _start_at_first_step(sched)
         return sched, sched.timesteps
     official = settings.sigma_grid == "official"
     if settings.solver == "unipc":
@@ -259,9 +260,22 @@ def make_scheduler(settings: SamplerSettings, device: torch.device | str = "cpu"
             sched.set_timesteps(sigmas=base, device=device)
         else:
             sched.set_timesteps(settings.steps, device=device)
+    _start_at_first_step(sched)
     timesteps = sched.timesteps
     model_timesteps = torch.floor(timesteps) if official else timesteps
     return sched, model_timesteps
+
+
+def _start_at_first_step(sched) -> None:
+    """Pin the scheduler's first step index to 0.
+
+    UniPC stores integer timesteps; with many steps (over ~200 at shift 5) neighbouring sigmas share
+    one integer timestep, and diffusers then starts at the *second* match of the first timestep
+    (its img2img rule), skips a sigma and fails with an AssertionError on the last step. Every run
+    here starts at the first entry of its own grid, so the index is set explicitly.
+    """
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(0)
 
 
 def compute_dtype(transformer: torch.nn.Module) -> torch.dtype:

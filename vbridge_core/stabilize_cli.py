@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from .cli_common import HelpFormatter, collect_inputs, parse_dtype
+from .cli_common import IMAGE_EXTS, HelpFormatter, collect_inputs, parse_dtype
 from .errors import InputError
+from .validate import float_arg
 
 logger = logging.getLogger("vbridge_core")
 
@@ -38,8 +39,8 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     t.add_argument("--kind", choices=["controlled", "spatial"], default="spatial",
                    help="controlled: per-pixel mix weight; spatial: + per-pixel k x k fusion kernel")
     t.add_argument("--steps", type=int, default=300, help="training steps")
-    t.add_argument("--lr", type=float, default=3e-3, help="learning rate (Adam, cosine decay)")
-    t.add_argument("--stability-weight", type=float, default=0.4,
+    t.add_argument("--lr", type=float_arg("--lr", min=0, min_inclusive=False), default=3e-3, help="learning rate (Adam, cosine decay)")
+    t.add_argument("--stability-weight", type=float_arg("--stability-weight", min=0, hint="keep it under 0.5, the oracle bound (default 0.4)"), default=0.4,
                    help="lambda of the accuracy-stability loss; must stay under the collapse bound "
                    "(clip-frames - 1), and under 0.5 (the oracle bound) it never trades accuracy for stability")
     t.add_argument("--clip-frames", type=int, default=5, help="frames per training window (tau)")
@@ -57,7 +58,7 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     g.add_argument("--frames", type=int, default=12, help="frames per synthetic clip")
     g.add_argument("--clips-per-photo", type=int, default=4, help="synthetic clips per photo")
     g.add_argument("--size", type=int, default=96, help="synthetic clip frame side (pixels)")
-    g.add_argument("--restorer-error", type=float, default=0.05,
+    g.add_argument("--restorer-error", type=float_arg("--restorer-error", min=0, max=1), default=0.05,
                    help="std of the simulated restorer's per-frame error (0..1 units)")
 
     v = sub.add_parser("restore-video", formatter_class=fmt,
@@ -65,10 +66,10 @@ def add_stabilizer_parsers(sub, add_model_args: Callable[[argparse.ArgumentParse
     v.add_argument("input", metavar="DIR", help="folder of frames (sorted by name, one size)")
     v.add_argument("--out", required=True, metavar="DIR", help="output folder for the restored frames")
     v.add_argument("--lora", metavar="FILE", help="V-Bridge restoration LoRA (.safetensors)")
-    v.add_argument("--lora-strength", type=float, default=1.0, help="restoration LoRA strength")
+    v.add_argument("--lora-strength", type=float_arg("--lora-strength"), default=1.0, help="restoration LoRA strength")
     st = v.add_mutually_exclusive_group()
     st.add_argument("--stabilizer", metavar="FILE", help="trained stabilizer file (train-stabilizer)")
-    st.add_argument("--ema", type=float, metavar="B", help="fixed EMA strength b in (0, 1] (1 = off)")
+    st.add_argument("--ema", type=float_arg("--ema", min=0, max=1, min_inclusive=False, hint="1 = off, smaller = stronger"), metavar="B", help="fixed EMA strength b in (0, 1] (1 = off)")
     v.add_argument("--batch-frames", type=int, default=8, help="frames restored per chunk (memory)")
     v.add_argument("--save-raw", action="store_true", help="also write the unstabilized frames to OUT/raw/")
     add_model_args(v)
@@ -92,36 +93,117 @@ def _frames(folder: Path, what: str):
     return torch.stack(frames)
 
 
+VIDEO_SETTINGS = "vbridge_video_settings.json"
+
+
+def _is_video_output(p: Path) -> bool:
+    """A ``restore-video`` output of one clip: its settings file, or ``raw/`` inside a folder-of-clips output."""
+    return (p / VIDEO_SETTINGS).is_file() or ((p / "raw").is_dir() and (p.parent / VIDEO_SETTINGS).is_file())
+
+
+def _is_clip(p: Path) -> bool:
+    """A clip folder: ``restored/`` or ``hq/`` frame folders, or a ``restore-video`` output of one clip."""
+    return (p / "restored").is_dir() or (p / "hq").is_dir() or _is_video_output(p)
+
+
+def _is_clips_output(p: Path) -> bool:
+    """A ``restore-video`` output of a folder of clips: the settings file on top, one folder per clip below."""
+    return (p / VIDEO_SETTINGS).is_file() and not (p / "raw").is_dir() and not any(
+        f.suffix.lower() in IMAGE_EXTS for f in p.iterdir() if f.is_file())
+
+
 def _clip_dirs(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
-        if (p / "restored").is_dir() or (p / "hq").is_dir():
+        if _is_clip(p) and not _is_clips_output(p):
             out.append(p)
         elif p.is_dir():
-            subs = sorted(q for q in p.iterdir() if q.is_dir() and ((q / "restored").is_dir() or (q / "hq").is_dir()))
+            subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_clip(q))
             if not subs:
-                raise InputError(f"{p} holds no clip folders (each needs restored/ and hq/ frame folders)")
+                raise InputError(f"{p} holds no clip folders (each needs restored/ and hq/ frame folders, or is "
+                                 f"a `restore-video --save-raw` output folder with hq/ beside its input)")
             out.extend(subs)
         else:
             raise InputError(f"clip folder {p} does not exist")
     return out
 
 
-def load_clip_folders(paths: list[str], use_inputs: bool = True) -> list:
-    """Real training clips: folders with ``restored/`` + ``hq/`` (+ ``lq/``) frames, or parents of such folders.
+def _video_settings(folder: Path) -> dict:
+    """The ``vbridge_video_settings.json`` of a restore-video output folder, or of its parent (folder of clips)."""
+    import json
 
-    Returns :class:`~vbridge_core.stabilize.StabilizerClip` objects (``inputs`` from ``lq/`` when
-    present and ``use_inputs``); frames are matched by sorted file name.
+    for f in (folder / VIDEO_SETTINGS, folder.parent / VIDEO_SETTINGS):
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise InputError(f"{f} is not readable JSON ({e}); rerun restore-video to rewrite it") from None
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
+def _restored_frames(out: Path, settings: Optional[dict] = None) -> Path:
+    """The restorer's own frames in a ``restore-video`` output: ``raw/``, or the frames themselves when no
+    stabilizer was used; stabilized frames without ``raw/`` are refused (a stabilizer learns from raw ones)."""
+    if (out / "raw").is_dir():
+        return out / "raw"
+    settings = _video_settings(out) if settings is None else settings
+    if settings.get("stabilizer") or settings.get("ema") is not None:
+        raise InputError(f"{out} holds stabilized frames without raw/: a stabilizer must learn from the "
+                         f"restorer's own frames; rerun restore-video with --save-raw (and the same --out)")
+    return out
+
+
+def _restore_video_output(out: Path, clip_name: str = "") -> tuple[Path, Optional[Path], Path]:
+    """``(restored, lq or None, hq)`` frame folders of a ``restore-video --save-raw`` output folder ``out``.
+
+    The restorer's own (unstabilized) frames are ``out/raw/``; the LQ frames are the input folder the
+    settings file records (``input/<clip>`` for a folder of clips); the clean frames are ``out/hq/`` or
+    an ``hq/`` folder beside that input folder (the ``clip/lq`` + ``clip/hq`` layout).
+    """
+    settings = _video_settings(out)
+    raw = _restored_frames(out, settings)
+    src = settings.get("input")
+    lq = Path(src) if src else None
+    if lq is not None and clip_name and (lq / clip_name).is_dir():
+        lq = lq / clip_name  # a folder of clips: each clip's frames are input/<clip>
+    if lq is not None and not lq.is_dir():
+        lq = None
+    candidates = [out / "hq"] + ([lq.parent / "hq"] if lq is not None else [])
+    hq = next((c for c in candidates if c.is_dir()), None)
+    if hq is None:
+        raise InputError(f"{out} is a restore-video output but no clean frames were found for it: put the clean "
+                         f"(HQ) frames, same file names, in {' or '.join(str(c) for c in candidates)}")
+    return raw, lq, hq
+
+
+def load_clip_folders(paths: list[str], use_inputs: bool = True) -> list:
+    """Real training clips, frames matched by sorted file name. Each path is a clip folder or a parent of such:
+
+    * ``restored/`` + ``hq/`` (+ ``lq/``) frame folders; when ``restored/`` is a ``restore-video
+      --save-raw`` output, its ``raw/`` frames (the restorer's own, unstabilized) are used;
+    * a ``restore-video --save-raw`` output folder itself: ``raw/`` frames, the recorded input
+      folder as ``lq``, and clean frames from its ``hq/`` or an ``hq/`` beside the input folder.
+
+    Returns :class:`~vbridge_core.stabilize.StabilizerClip` objects (``inputs`` from the LQ frames when
+    present and ``use_inputs``).
     """
     from .stabilize import StabilizerClip
 
     clips = []
     for d in _clip_dirs(paths):
-        if not (d / "restored").is_dir():
+        if (d / "restored").is_dir():  # clip/{restored,hq,lq}; restored/ may be a restore-video output
+            restored_dir, lq_dir, hq_dir = d / "restored", d / "lq", d / "hq"
+            if _is_video_output(restored_dir):
+                restored_dir = _restored_frames(restored_dir)
+        elif _is_video_output(d):  # the restore-video output folder itself (one clip of a folder of clips)
+            clip_name = "" if (d / VIDEO_SETTINGS).is_file() else d.name
+            restored_dir, lq_dir, hq_dir = _restore_video_output(d, clip_name)
+        else:
             raise InputError(f"{d} has no restored/ folder: restore its lq/ frames first, e.g. "
-                             f"`python -m vbridge_core restore-video {d / 'lq'} --out {d / 'restored'} ...`")
-        restored, hq = _frames(d / "restored", "restored"), _frames(d / "hq", "hq")
-        lq = _frames(d / "lq", "lq") if (d / "lq").is_dir() and use_inputs else None
+                             f"`python -m vbridge_core restore-video {d / 'lq'} --out {d / 'restored'} --save-raw ...`")
+        restored, hq = _frames(restored_dir, "restored"), _frames(hq_dir, "hq")
+        lq = _frames(lq_dir, "lq") if lq_dir is not None and lq_dir.is_dir() and use_inputs else None
         clips.append(StabilizerClip(restored, hq, lq, name=d.name))
     return clips
 
@@ -155,9 +237,11 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
     from .fileio import write_json_atomic
     from .images import save_png
     from .pipeline import VBridgePipeline
-    from .stabilize import restore_video
     from .parallel_restore import cmd_restore_video_parallel, holds_clip_folders, plan_video_outputs, wants_parallel
+    from .stabilize import load_stabilizer, restore_video
 
+    if a.stabilizer:  # a missing, foreign or broken (NaN/inf) stabilizer file is refused before any model loads
+        load_stabilizer(a.stabilizer)
     if wants_parallel(a) or holds_clip_folders(Path(a.input)):
         return cmd_restore_video_parallel(a)  # several processes, --skip-existing, or a folder of clips
     src = Path(a.input)

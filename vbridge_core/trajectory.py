@@ -53,7 +53,10 @@ def alpha_schedule(schedule: str | Sequence[float], frames: int) -> list[float]:
         if schedule == "cosine":
             return [(1.0 - math.cos(math.pi * t / n)) / 2.0 for t in range(frames)]
         raise InputError(f"unknown alpha schedule {schedule!r}; use one of {SCHEDULES} or a list of {frames} numbers")
-    alphas = [float(a) for a in schedule]
+    from .validate import finite_float
+
+    alphas = [finite_float("alpha schedule value", a, min=0, max=1, hint="list one blend weight per frame, from 0 "
+                           "(LQ) to 1 (HQ), e.g. 0,0.25,0.5,0.75,1") for a in schedule]
     if len(alphas) != frames:
         raise InputError(f"an explicit alpha schedule needs one value per frame: {frames} values, got {len(alphas)}")
     if abs(alphas[0]) > 1e-6 or abs(alphas[-1] - 1.0) > 1e-6:

@@ -105,6 +105,10 @@ def synthesize_clips(photos: Iterable[torch.Tensor], n_frames: int = 8, seed: in
     ``restorer(lq, clean, seed)`` (e.g. a wrapper around :func:`restore_video`), or by default
     :func:`simulate_restorer` (clean + a per-frame redrawn error), which needs no model.
     """
+    from ..validate import finite_float
+
+    restorer_amplitude = finite_float("restorer error", restorer_amplitude, min=0, max=1,
+                                      hint="the simulated restorer's per-frame error std in 0..1 image units (default 0.05)")
     photos = list(photos)
     if not photos:
         raise InputError("synthesize_clips needs at least one photo")

@@ -87,6 +87,10 @@ def load_stabilizer(path: str | os.PathLike, device: Optional[torch.device | str
         raise ModelFileError(f"{path} has stabilizer format version {meta.get('version')}; this code reads up to "
                              f"{FORMAT_VERSION}: update ComfyUI-VBridge")
     tensors = load_file(str(path))
+    from ..validate import check_finite_tensors
+
+    check_finite_tensors(tensors, path, "stabilizer", "retrain it (train-stabilizer / Train Stabilizer) and check "
+                         "that its stability weight and learning rate were finite numbers")
     kind = meta.get("kind")
     if kind == "ema":
         st: Stabilizer = EMAStabilizer(float(tensors["ema.b"][0]))

@@ -151,8 +151,13 @@ def train_stabilizer(clips: Sequence[StabilizerClip | tuple], kind: str = "contr
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
-    if not (cfg.learning_rate > 0):
-        raise InputError(f"learning rate must be positive, got {cfg.learning_rate!r}")
+    from ..validate import finite_float
+
+    # NaN passes every plain comparison below (nan < 0 and nan >= bound are both False) and would train a
+    # stabilizer whose weights are all NaN, so both floats are checked to be finite first
+    cfg.learning_rate = finite_float("learning rate", cfg.learning_rate, min=0, min_inclusive=False)
+    cfg.stability_weight = finite_float("stability weight", cfg.stability_weight, min=0,
+                                        hint=f"keep it under the oracle bound {ORACLE_BOUND} (default 0.4)")
     checked = [(c if isinstance(c, StabilizerClip) else StabilizerClip(*c)).check() for c in clips]
     if not checked:
         raise InputError("no training clips given")

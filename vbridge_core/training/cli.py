@@ -31,6 +31,7 @@ import torch
 
 from ..cli_common import HelpFormatter, parse_dtype
 from ..errors import InputError
+from ..validate import float_arg
 
 logger = logging.getLogger("vbridge_core")
 
@@ -47,7 +48,7 @@ def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     d.add_argument("--degradations", default="gaussian_noise,gaussian_blur,jpeg",
                    help="comma-separated degradations for --from-clean (one task each)")
     d.add_argument("--val-pairs", metavar="DIR", help="validation pairs (default: hold out --val-fraction per task)")
-    d.add_argument("--val-fraction", type=float, default=0.1, help="share of each task's pairs held out for validation")
+    d.add_argument("--val-fraction", type=float_arg("--val-fraction", min=0, max=1, max_inclusive=False), default=0.1, help="share of each task's pairs held out for validation")
     d.add_argument("--crop-mode", choices=["resize", "crop"], default="resize",
                    help="resize: scale the short side to the stage resolution, then crop (the paper's curriculum); "
                    "crop: crop at native scale")
@@ -69,12 +70,12 @@ def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     tb.add_argument("--turbo-calls", type=int, choices=[1, 2, 4], default=4, help="DiT calls per image of the student")
     tb.add_argument("--turbo-sigmas", default=None, help="comma-separated noise levels, one per call, decreasing "
                     "(default: evenly spaced from the start level, e.g. 1,0.75,0.5,0.25)")
-    tb.add_argument("--turbo-start-sigma", type=float, default=None, help="start from the LQ latent noised to this "
+    tb.add_argument("--turbo-start-sigma", type=float_arg("--turbo-start-sigma", min=0, max=1, min_inclusive=False, max_inclusive=False), default=None, help="start from the LQ latent noised to this "
                     "level instead of pure noise (0..1; the sigmas then begin at it)")
     tb.add_argument("--turbo-solver", choices=["x0_renoise", "euler"], default="x0_renoise",
                     help="x0_renoise: predict the clean latent at each level and re-noise it to the next (as "
                     "DMD-distilled Wan bases sample); euler: flow Euler steps between the levels")
-    tb.add_argument("--turbo-hq-weight", type=float, default=0.0, help="add this multiple of the MSE to the HQ "
+    tb.add_argument("--turbo-hq-weight", type=float_arg("--turbo-hq-weight", min=0), default=0.0, help="add this multiple of the MSE to the HQ "
                     "latent to the MSE to the teacher's output")
     tb.add_argument("--teacher-steps", type=int, default=50, help="sampling steps of the teacher's targets")
     o.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps (0: never)")
@@ -88,28 +89,28 @@ def add_train_parser(sub, add_model_args: Callable[..., None]) -> None:
     s.add_argument("--steps", type=int, default=400, help="training steps when --stages is not given")
     s.add_argument("--resolution", type=int, default=None, help="square crop side (multiple of 32) when --stages is "
                    "not given (default: largest multiple of 32 that fits, at most 512)")
-    s.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    s.add_argument("--lr", type=float_arg("--lr", min=0, min_inclusive=False), default=1e-4, help="learning rate")
     s.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant", help="LR schedule")
     s.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps")
-    s.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    s.add_argument("--weight-decay", type=float_arg("--weight-decay", min=0), default=1e-2, help="AdamW weight decay")
     s.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit needs bitsandbytes")
-    s.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    s.add_argument("--max-grad-norm", type=float_arg("--max-grad-norm", min=0, hint="0 turns clipping off"), default=1.0, help="gradient clipping (0: off)")
     s.add_argument("--batch-size", type=int, default=1, help="pseudo-videos per process and micro-step")
     s.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     s.add_argument("--seed", type=int, default=0, help="seed")
 
     m = t.add_argument_group("LoRA and objective")
     m.add_argument("--rank", type=int, default=32, help="LoRA rank")
-    m.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    m.add_argument("--alpha", type=float_arg("--alpha", min=0, min_inclusive=False), default=None, help="LoRA alpha (default: rank)")
     m.add_argument("--target-modules", default="to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
                    help="comma-separated diffusers module names the LoRA wraps")
     m.add_argument("--frames", type=int, default=5, help="pseudo-video length F = 4k+1")
     m.add_argument("--alpha-schedule", default="linear", help="LQ->HQ blend schedule (name or comma-separated values)")
-    m.add_argument("--shift", type=float, default=5.0, help="flow shift of the noise-level sampling")
+    m.add_argument("--shift", type=float_arg("--shift", min=0, min_inclusive=False), default=5.0, help="flow shift of the noise-level sampling")
     m.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
-    m.add_argument("--quality-weighting", type=float, default=0.0, metavar="STRENGTH",
+    m.add_argument("--quality-weighting", type=float_arg("--quality-weighting", min=0, max=10, hint="0 = off"), default=0.0, metavar="STRENGTH",
                    help="quality-aware loss (Perceive-IR): weight each pair by 1 + STRENGTH x its perceived difficulty "
                    "(1 - quality score of its LQ), normalised to mean 1; 0 = off, 1 = hardest pairs up to ~2x")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory, slower)")

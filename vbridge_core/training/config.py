@@ -96,12 +96,14 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InputError(f"{name} must be an integer >= 0, got {v!r}")
-        if not (self.learning_rate > 0):
-            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not (self.alpha > 0):
-            raise InputError(f"alpha must be positive, got {self.alpha}")
-        if not (self.shift > 0):
-            raise InputError(f"shift must be positive, got {self.shift}")
+        from ..validate import finite_float
+
+        # finite_float refuses NaN/inf, which slip through plain comparisons (nan > 0 is False, inf > 0 True)
+        self.learning_rate = finite_float("learning_rate", self.learning_rate, min=0, min_inclusive=False)
+        self.alpha = finite_float("alpha", self.alpha, min=0, min_inclusive=False)
+        self.shift = finite_float("shift", self.shift, min=0, min_inclusive=False)
+        self.weight_decay = finite_float("weight_decay", self.weight_decay, min=0)
+        self.max_grad_norm = finite_float("max_grad_norm", self.max_grad_norm, min=0, hint="0 turns clipping off")
         if self.resolution is not None and (self.resolution < 32 or self.resolution % 32):
             raise InputError(f"resolution must be a multiple of 32 (>= 32), got {self.resolution}")
         if self.validation_resolution is not None and (self.validation_resolution < 32 or self.validation_resolution % 32):
@@ -119,10 +121,10 @@ class TrainConfig:
             raise InputError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.crop_mode not in CROP_MODES:
             raise InputError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
-        if not (0 <= self.validation_fraction < 1):
-            raise InputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if not (0.0 <= float(self.quality_weighting) <= 10.0):
-            raise InputError(f"quality_weighting must be in 0..10 (0 = off), got {self.quality_weighting}")
+        self.validation_fraction = finite_float("validation_fraction", self.validation_fraction, min=0, max=1,
+                                                max_inclusive=False)
+        self.quality_weighting = finite_float("quality_weighting", self.quality_weighting, min=0, max=10,
+                                              hint="0 = off")
         if not list(self.target_modules):
             raise InputError("target_modules must name at least one module (e.g. to_q,to_k,to_v,to_out.0)")
         self.curriculum()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -55,13 +56,17 @@ def restored_pairs(pipe, pairs: Any, restoration_lora: str | Path, cache_dir: st
     outs = [folder / f"{i:04d}.png" for i in range(len(data))]
     if is_main and not all(p.is_file() for p in outs):
         pipe.load_lora(lora, role="restoration")
-        logger.info("restoring %d training LQs with %s for drift-correction data (%s)", len(data), lora, settings)
-        for i in range(len(data)):
-            if outs[i].is_file():
-                continue
+        todo = [i for i in range(len(data)) if not outs[i].is_file()]
+        logger.info("restoring %d training LQs with %s for drift-correction data (%s)%s", len(todo), lora, settings,
+                    f"; {len(data) - len(todo)} restored earlier" if len(todo) < len(data) else "")
+        every = max(1, len(todo) // 10)  # about ten progress lines, like the sampling and training passes
+        t0 = time.perf_counter()
+        for k, i in enumerate(todo, 1):
             lq, _ = data.load(i)
             res = pipe.restore(lq, should_cancel=should_cancel, **settings)
             save_png(res.final[0], outs[i], bits=16)
+            if k % every == 0 or k == len(todo):
+                logger.info("drift data: restored %d/%d training LQs (%.1f s)", k, len(todo), time.perf_counter() - t0)
             if callback is not None:
                 callback(TrainProgress("restoring", i + 1, len(data)))
     if barrier is not None:

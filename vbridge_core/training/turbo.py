@@ -105,6 +105,9 @@ class TurboSettings:
                              f"got {sig[0]}")
         if not (self.hq_weight >= 0 and math.isfinite(self.hq_weight)):
             raise InputError(f"turbo hq_weight must be >= 0, got {self.hq_weight!r}")
+        from ..validate import finite_float
+
+        self.teacher_shift = finite_float("turbo teacher_shift", self.teacher_shift, min=0, min_inclusive=False)
         if isinstance(self.teacher_steps, bool) or not isinstance(self.teacher_steps, int) or self.teacher_steps < 1:
             raise InputError(f"teacher steps must be a positive integer, got {self.teacher_steps!r}")
         return self
