@@ -308,7 +308,7 @@ def cmd_restore_video_parallel(a: argparse.Namespace) -> int:
     reports = group.all_gather(dict(local, rank=group.rank, device=str(group.device), skipped=skipped))
     if group.is_main:
         write_json_atomic(out / "vbridge_video_settings.json", {
-            "input": str(src), "stabilizer": a.stabilizer, "ema": a.ema,
+            "input": str(src.resolve()), "stabilizer": a.stabilizer, "ema": a.ema,
             "sampler": dict(kw, frames=traj_frames, seed=seed), "world_size": group.world,
             "clips_per_rank": [len(s) for s in shares],
             "ranks": [dict(rank=r["rank"], device=r["device"], clips=[clips[k][0] or src.name for k in shares[i]],

@@ -267,7 +267,7 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
         if a.save_raw:
             save_png(r.clamp(0, 1), out / "raw" / f"{p.stem}.png")
     write_json_atomic(out / "vbridge_video_settings.json",
-                      {"input": str(src), "stabilizer": a.stabilizer, "ema": a.ema,
+                      {"input": str(src.resolve()), "stabilizer": a.stabilizer, "ema": a.ema,
                        "sampler": dict(kw, frames=traj_frames, seed=seed), "info": res.info, "model": a.model,
                        "dit": a.dit, "vae": a.vae, "lora": a.lora, "lora_strength": a.lora_strength})
     logger.info("wrote %d frame(s) to %s", len(paths), out)
