@@ -406,3 +406,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VBridgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, leave the process group before exiting: a gloo group left to
+    the interpreter's shutdown can abort the process ("terminate called without an active exception")
+    after all the work is done, failing a finished run."""
+    from .parallel import launched_world_size
+
+    dist = sys.modules.get("torch.distributed")
+    if launched_world_size() > 1 and dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - shutting down; the run's result stands
+            logger.debug("leaving the process group: %s", e)
