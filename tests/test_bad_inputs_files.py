@@ -287,3 +287,20 @@ def test_train_node_refuses_to_overwrite_a_loaded_lora(tmp_path):
     with pytest.raises(InputError, match="loaded restoration LoRA"):
         refuse_overwriting_loaded_loras(pipe, output_lora_path(tmp_path / "loras", "denoise"))
     refuse_overwriting_loaded_loras(pipe, output_lora_path(tmp_path / "loras", "denoise_drift"))
+
+
+def test_report_files_never_replace_inputs_and_video_settings_are_checked_first(photos, capsys):
+    before = digest(photos)
+    rc, err = run_cli(["perceive", photos / "photos", "--json", photos / "photos" / "a.png"], capsys)
+    assert_one_error(rc, err, "--json", "a.png", "would replace that file")
+    rc, err = run_cli(["eval", photos / "photos", photos / "photos", "--json", photos / "photos" / "b.png"], capsys)
+    assert_one_error(rc, err, "--json", "b.png")
+    rc, err = run_cli(["train-stabilizer", "--photos", photos / "photos", "--out", photos / "photos"], capsys)
+    assert_one_error(rc, err, "is an existing folder")
+    rc, err = run_cli(["restore-video", photos / "photos", "--out", photos / "v", "--model", photos / "no_model_here",
+                       "--frames", "6"], capsys)
+    assert_one_error(rc, err, "4k+1")
+    rc, err = run_cli(["restore-video", photos / "photos", "--out", photos / "photos", "--model",
+                       photos / "no_model_here"], capsys)
+    assert_one_error(rc, err, "holds the input")
+    assert digest(photos) == before and not (photos / "v").exists()

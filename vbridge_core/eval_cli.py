@@ -74,6 +74,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     protocol, table = _protocol(a)
     restored = {p.stem: p for p in collect_inputs([a.restored])}
     refs = {p.stem: p for p in collect_inputs([a.reference])}
+    if a.json:
+        from .outputs import check_single_output
+
+        check_single_output(a.json, [*restored.values(), *refs.values()], "--json")
     common = sorted(set(restored) & set(refs))
     missing = sorted(set(restored) ^ set(refs))
     if not common:

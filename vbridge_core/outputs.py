@@ -101,6 +101,13 @@ def refuse_overwriting_inputs(outputs: Mapping[str, Path | str], inputs: Mapping
                                  f"Choose another output name")
 
 
+def check_single_output(path: str | os.PathLike, inputs: Sequence[Path | str], flag: str) -> Path:
+    """A single output file (a ``--json`` report, a trained file): writable, and none of ``inputs``."""
+    out = check_output_file(path, flag)
+    refuse_overwriting_inputs({flag: out}, {f"input {p}": p for p in inputs})
+    return out
+
+
 def refuse_inputs_in_output_dir(out: str | os.PathLike, inputs: Sequence[Path], flag: str = "--out") -> None:
     """Refuse an output folder that holds one of the inputs (outputs would mix with, or replace, them)."""
     o = _key(Path(out))

@@ -267,6 +267,9 @@ def cmd_restore_video_parallel(a: argparse.Namespace) -> int:
     src = Path(a.input)
     clips = video_clips(src)
     out = plan_video_outputs(a, clips)
+    from .cli import preflight_sampling
+
+    preflight_sampling(a, [image_hw(f[0]) for _, f in clips])
     group = process_group(a.device)
     kw = sampler_settings(a)
     seed = kw.pop("seed")

@@ -126,6 +126,10 @@ def cmd_perceive(a: argparse.Namespace) -> int:
     from .images import load_image
 
     paths = collect_inputs(a.inputs)
+    if a.json:
+        from .outputs import check_single_output
+
+        check_single_output(a.json, paths, "--json")  # e.g. `perceive *.png --json x.png` must not replace x.png
     fn = perceive_function(a.perceiver, a.clip_vision)
     reports = []
     for p in paths:  # one at a time: a folder of large photos never sits in memory at once

@@ -210,8 +210,10 @@ def load_clip_folders(paths: list[str], use_inputs: bool = True) -> list:
 
 def cmd_train_stabilizer(a: argparse.Namespace) -> int:
     from .images import load_image
+    from .outputs import check_single_output
     from .stabilize import TrainStabilizerConfig, synthesize_clips, train_stabilizer
 
+    check_single_output(a.out, [], "--out")  # before the clips are built and trained on
     if a.photos:
         photos = [load_image(p) for p in collect_inputs(a.photos)]
         clips = synthesize_clips(photos, n_frames=a.frames, seed=a.seed, degradation=a.degradation, size=a.size,
@@ -248,6 +250,9 @@ def cmd_restore_video(a: argparse.Namespace) -> int:
     paths = collect_inputs([str(src)])
     frames = _frames(src, "input")
     out = plan_video_outputs(a, [("", paths)])
+    from .cli import preflight_sampling
+
+    preflight_sampling(a, [tuple(frames.shape[-2:])] if len(frames) else [])
     stab = a.stabilizer if a.stabilizer else a.ema
     pipe = VBridgePipeline.from_files(a.model, dit=a.dit, vae=a.vae, lora=a.lora, lora_strength=a.lora_strength,
                                       device=a.device, dtype=parse_dtype(a.dtype), text_encoder=a.text_encoder,
