@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelFileError
-from .features import FEATURE_NAMES, crop_features
+from .features import FEATURE_NAMES, FEATURE_VERSION, crop_features
 from .labels import FAMILIES, LABELS, tier_of
 
 logger = logging.getLogger(__name__)
@@ -161,9 +161,17 @@ class Perceiver:
         if meta.get("format") != FORMAT:
             raise ModelFileError(f"{p} is not a built-in perceiver file (format {meta.get('format')!r}); a CLIP "
                                  "perceiver is used with a CLIP vision model (ClipPerceiver)")
-        if json.loads(meta.get("features", "[]")) != list(FEATURE_NAMES):
-            raise ModelFileError(f"{p} was trained on another feature set; retrain it with this version "
-                                 "(`python -m vbridge_core train-perceiver`)")
+        try:
+            names = json.loads(meta.get("features", "[]"))
+        except ValueError:
+            names = None
+        version = meta.get("feature_version", "1")
+        if names != list(FEATURE_NAMES) or version != str(FEATURE_VERSION):
+            n = len(names) if isinstance(names, list) else "?"
+            raise ModelFileError(f"{p} was trained on another feature set (version {version}, {n} features; this "
+                                 f"version of the pack computes version {FEATURE_VERSION}, {len(FEATURE_NAMES)} "
+                                 "features); retrain it with this version (`python -m vbridge_core train-perceiver "
+                                 "--out FILE`) or use the shipped perceiver")
         net = PerceiverNet(len(FEATURE_NAMES), int(meta.get("hidden", 128)))
         net.load_state_dict(state)
         return cls(net, json.loads(meta.get("info", "{}")))
@@ -180,7 +188,8 @@ class Perceiver:
         """Write the weights and a description atomically as safetensors."""
         from ..fileio import save_safetensors_atomic
 
-        meta = {"format": FORMAT, "features": json.dumps(list(FEATURE_NAMES)), "labels": json.dumps(list(LABELS)),
+        meta = {"format": FORMAT, "features": json.dumps(list(FEATURE_NAMES)), "feature_version": str(FEATURE_VERSION),
+                "labels": json.dumps(list(LABELS)),
                 "hidden": str(self.net.body[0].out_features), "info": json.dumps(self.info)}
         return save_safetensors_atomic(self.net.state_dict(), path, metadata=meta)
 

@@ -68,8 +68,83 @@ def clean_photos(split: str = "train") -> list[tuple[str, torch.Tensor]]:
     if split in ("train", "all"):
         samples = Path(__file__).resolve().parents[1] / "assets" / "samples"
         out += [(f"sample:{p.parent.parent.name}/{p.name}", load_image(p)) for p in sorted(samples.glob("*/hq/*.png"))]
+        out += procedural_photos(PROCEDURAL_COUNT)
     if not out:
         raise InputError(f"no clean photos found in {folder}")
+    return out
+
+
+#: Procedural clean scenes added to the training photos (:func:`procedural_photos`).
+PROCEDURAL_COUNT = 16
+
+
+def _power_field(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """A smooth random field [n, n] with amplitude spectrum 1/f**exponent, scaled to 0..1."""
+    fy = np.fft.fftfreq(n)[:, None]
+    fx = np.fft.rfftfreq(n)[None, :]
+    f = np.sqrt(fy ** 2 + fx ** 2)
+    f[0, 0] = 1.0
+    spec = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f ** exponent
+    spec[0, 0] = 0
+    x = np.fft.irfft2(spec, s=(n, n))
+    return (x - x.min()) / max(1e-8, x.max() - x.min())
+
+
+def _dead_leaves(rng: np.random.Generator, n: int, rmin: float, rmax: float, gray: bool, bright: float) -> np.ndarray:
+    """Occluding shaded disks and rectangles (radius power law rmin..rmax px) on a smooth background [n, n, 3]."""
+    img = np.repeat(_power_field(rng, n, 2.0)[..., None], 3, -1) * 0.5 + 0.25
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    count = int(np.clip(3.0 * n * n / (rmin * rmax * np.pi), 30, 2500))
+    for _ in range(count):
+        r = rmin * (rmax / rmin) ** rng.random() ** 1.5
+        cy, cx = rng.uniform(-r, n + r, 2)
+        y0, y1, x0, x1 = (max(0, int(cy - r)), min(n, int(cy + r) + 2), max(0, int(cx - r)), min(n, int(cx + r) + 2))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        py, px = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+        if rng.random() < 0.6:
+            m = py ** 2 + px ** 2 <= r * r
+        else:
+            a = rng.uniform(0, np.pi)
+            u, v = np.cos(a) * px + np.sin(a) * py, -np.sin(a) * px + np.cos(a) * py
+            m = (np.abs(u) <= r) & (np.abs(v) <= r * rng.uniform(0.2, 1.0))
+        level = rng.uniform(0.05, bright)
+        col = np.full(3, level) if gray else np.clip(level * (1 + rng.uniform(-0.6, 0.6, 3)), 0, 1)
+        shade = 1.0 + rng.uniform(-0.35, 0.35) * (py * rng.normal() + px * rng.normal()) / (r * 2)
+        img[y0:y1, x0:x1][m] = np.clip(col[None, :] * shade[m][:, None], 0, 1)
+    return img
+
+
+def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size: int = 384) -> list[tuple[str, torch.Tensor]]:
+    """Clean procedural scenes ``[(name, [3, size, size])]`` (deterministic): dead-leaves (occluding shaded
+    shapes, colour or gray stones), smooth 1/f textures, and bright skies / white cloud fields over such
+    ground, rendered at 2x and area-downscaled (anti-aliased, sharp, noise-free). They add content the
+    bundled photos lack: many bright stones, bright smooth regions and highlights that are not snow."""
+    rng = np.random.default_rng(seed)
+    out = []
+    n = size * 2
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            img = _dead_leaves(rng, n, rng.uniform(6, 12), rng.uniform(80, 240), False, rng.uniform(0.7, 1.0))
+        elif kind == 1:
+            img = _dead_leaves(rng, n, rng.uniform(6, 10), rng.uniform(24, 60), True, rng.uniform(0.75, 1.0))
+        elif kind == 2:
+            f = np.stack([_power_field(rng, n, rng.uniform(1.1, 1.6)) for _ in range(3)], -1)
+            mix = rng.uniform(0.5, 0.9)
+            img = f[..., :1] * mix + f * (1 - mix)
+            lo, hi = rng.uniform(0.0, 0.3), rng.uniform(0.6, 1.0)
+            img = lo + (hi - lo) * img
+        else:
+            ground = _dead_leaves(rng, n, rng.uniform(6, 12), rng.uniform(60, 200), False, rng.uniform(0.6, 1.0))
+            cloud = _power_field(rng, n, rng.uniform(1.8, 2.6))
+            sky = np.clip(0.55 + 0.45 * cloud[..., None] + rng.uniform(-0.1, 0.1, 3), 0, 1)
+            horizon = n * rng.uniform(0.3, 0.7) + 40 * (_power_field(rng, n, 2.5)[0] - 0.5)
+            m = (np.arange(n)[:, None] < horizon[None, :])[..., None]
+            img = np.where(m, sky, ground)
+        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
+        x = F.avg_pool2d(x[None], 2)[0].clamp(0, 1)
+        out.append((f"procedural:{i}", (x * 255).round() / 255))
     return out
 
 
