@@ -43,11 +43,11 @@ FORMAT = "vbridge-perceiver-mlp"
 class PerceiverNet(nn.Module):
     """Standardised features -> MLP -> (label logits [B, 8], severity [B, 7], quality [B])."""
 
-    def __init__(self, n_features: int = len(FEATURE_NAMES), hidden: int = 128) -> None:
+    def __init__(self, n_features: int = len(FEATURE_NAMES), hidden: int = 128, dropout: float = 0.1) -> None:
         super().__init__()
         self.register_buffer("feat_mean", torch.zeros(n_features))
         self.register_buffer("feat_std", torch.ones(n_features))
-        self.body = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Dropout(0.1),
+        self.body = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Dropout(dropout),
                                   nn.Linear(hidden, hidden), nn.GELU())
         self.labels = nn.Linear(hidden, len(LABELS))
         self.severity = nn.Linear(hidden, len(FAMILIES))

@@ -75,7 +75,7 @@ def clean_photos(split: str = "train") -> list[tuple[str, torch.Tensor]]:
 
 
 #: Procedural clean scenes added to the training photos (:func:`procedural_photos`).
-PROCEDURAL_COUNT = 16
+PROCEDURAL_COUNT = 24
 
 
 def _power_field(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
@@ -115,6 +115,77 @@ def _dead_leaves(rng: np.random.Generator, n: int, rmin: float, rmax: float, gra
     return img
 
 
+def _segment(img: np.ndarray, p0, p1, width: float, col: np.ndarray) -> None:
+    """Draw an anti-aliased straight segment of ``width`` px into ``img`` [n, n, 3] (in place)."""
+    n = img.shape[0]
+    (y0, x0), (y1, x1) = p0, p1
+    ya, yb = int(max(0, min(y0, y1) - width - 1)), int(min(n, max(y0, y1) + width + 2))
+    xa, xb = int(max(0, min(x0, x1) - width - 1)), int(min(n, max(x0, x1) + width + 2))
+    if ya >= yb or xa >= xb:
+        return
+    yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
+    dy, dx = y1 - y0, x1 - x0
+    t = np.clip(((yy - y0) * dy + (xx - x0) * dx) / max(1e-6, dy * dy + dx * dx), 0, 1)
+    d = np.hypot(yy - (y0 + t * dy), xx - (x0 + t * dx))
+    a = np.clip(width / 2 + 0.5 - d, 0, 1)[..., None]
+    img[ya:yb, xa:xb] = img[ya:yb, xa:xb] * (1 - a) + col * a
+
+
+def _lines_scene(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Thin structures that are not rain: a tiled wall (mortar lines) or many long thin bright and dark lines and
+    curves (wires, whiskers, grass blades, masts) in every direction over a textured background."""
+    base = _power_field(rng, n, rng.uniform(1.2, 2.0))[..., None] * rng.uniform(0.2, 0.5) + rng.uniform(0.1, 0.5)
+    img = np.clip(base * (1 + rng.uniform(-0.4, 0.4, 3)), 0, 1).astype(np.float32)
+    if rng.random() < 0.5:  # tiles / bricks: a regular grid of light or dark joints at a random angle
+        a = rng.uniform(-0.5, 0.5) + (np.pi / 2 if rng.random() < 0.5 else 0)
+        bw, bh = rng.uniform(30, 120), rng.uniform(14, 50)
+        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+        u, v = np.cos(a) * xx + np.sin(a) * yy, -np.sin(a) * xx + np.cos(a) * yy
+        row = np.floor(v / bh)
+        du = np.abs(((u + (row % 2) * bw / 2) % bw) - bw / 2)
+        dv = np.abs((v % bh) - bh / 2)
+        w = rng.uniform(2, 6)
+        joint = np.clip(np.maximum(w / 2 + 0.5 - (bw / 2 - du), w / 2 + 0.5 - (bh / 2 - dv)), 0, 1)[..., None]
+        tone = rng.uniform(0.6, 0.95) if rng.random() < 0.7 else rng.uniform(0.02, 0.2)
+        img = img * (1 - joint) + tone * joint
+    for _ in range(int(rng.integers(20, 120))):
+        y0, x0 = rng.uniform(0, n, 2)
+        ang = rng.uniform(0, np.pi)
+        length = rng.uniform(20, 400)
+        bend = rng.uniform(-0.4, 0.4)
+        col = np.full(3, rng.uniform(0.6, 1.0) if rng.random() < 0.6 else rng.uniform(0.0, 0.25))
+        width = rng.uniform(1.5, 4.0)
+        pts = 4
+        for k in range(pts):
+            a0, a1 = ang + bend * k / pts, ang + bend * (k + 1) / pts
+            y1, x1 = y0 + length / pts * np.cos(a0), x0 + length / pts * np.sin(a0)
+            _segment(img, (y0, x0), (y1, x1), width, col)
+            y0, x0 = y1, x1
+    return img
+
+
+def _bright_objects(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Bright round objects on a darker ground (coins, pebbles, lamps, fruit) with a few small specular highlights."""
+    img = np.repeat(_power_field(rng, n, 2.0)[..., None], 3, -1) * rng.uniform(0.1, 0.3) + rng.uniform(0.0, 0.3)
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    tex = _power_field(rng, n, 1.3)
+    for _ in range(int(rng.integers(8, 60))):
+        r = rng.uniform(10, 70)
+        cy, cx = rng.uniform(0, n, 2)
+        d = np.hypot(yy - cy, xx - cx)
+        a = np.clip(r + 0.5 - d, 0, 1)[..., None]
+        level = rng.uniform(0.55, 0.95)
+        col = np.clip(level * (1 + rng.uniform(-0.3, 0.3, 3) * (rng.random() < 0.6)), 0, 1)
+        body = col * (0.75 + 0.35 * tex[..., None]) * (1 - 0.25 * np.clip(d / r, 0, 1) ** 2)[..., None]
+        img = img * (1 - a) + np.clip(body, 0, 1) * a
+        if rng.random() < 0.3:  # a specular highlight on the object
+            hy, hx = cy - r * rng.uniform(0.2, 0.6), cx - r * rng.uniform(-0.4, 0.4)
+            hs = rng.uniform(2.5, 6)
+            g = np.exp(-((yy - hy) ** 2 + (xx - hx) ** 2) / (2 * hs * hs))[..., None]
+            img = img + (1 - img) * g * rng.uniform(0.5, 0.9)
+    return np.clip(img, 0, 1)
+
+
 def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size: int = 384) -> list[tuple[str, torch.Tensor]]:
     """Clean procedural scenes ``[(name, [3, size, size])]`` (deterministic): dead-leaves (occluding shaded
     shapes, colour or gray stones), smooth 1/f textures, and bright skies / white cloud fields over such
@@ -124,7 +195,7 @@ def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size:
     out = []
     n = size * 2
     for i in range(count):
-        kind = i % 4
+        kind = i % 6
         if kind == 0:
             img = _dead_leaves(rng, n, rng.uniform(6, 12), rng.uniform(80, 240), False, rng.uniform(0.7, 1.0))
         elif kind == 1:
@@ -135,6 +206,10 @@ def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size:
             img = f[..., :1] * mix + f * (1 - mix)
             lo, hi = rng.uniform(0.0, 0.3), rng.uniform(0.6, 1.0)
             img = lo + (hi - lo) * img
+        elif kind == 4:
+            img = _lines_scene(rng, n)
+        elif kind == 5:
+            img = _bright_objects(rng, n)
         else:
             ground = _dead_leaves(rng, n, rng.uniform(6, 12), rng.uniform(60, 200), False, rng.uniform(0.6, 1.0))
             cloud = _power_field(rng, n, rng.uniform(1.8, 2.6))

@@ -64,16 +64,17 @@ def build_training_set(count: int, seed: int, photos: Optional[list] = None,
 
 
 def fit_net(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int = 0, epochs: int = 120,
-            hidden: int = 128, lr: float = 3e-3, batch: int = 512) -> PerceiverNet:
+            hidden: int = 128, lr: float = 3e-3, batch: int = 512, dropout: float = 0.1,
+            weight_decay: float = 1e-4) -> PerceiverNet:
     """Fit a :class:`PerceiverNet` to features and targets (deterministic for a seed)."""
     torch.manual_seed(seed)
-    net = PerceiverNet(feats.shape[1], hidden)
+    net = PerceiverNet(feats.shape[1], hidden, dropout)
     net.feat_mean.copy_(feats.mean(0))
     net.feat_std.copy_(feats.std(0).clamp(min=1e-4))
     lab = torch.from_numpy(targets["labels"])
     sev = torch.from_numpy(targets["severity"])
     q = torch.from_numpy(targets["quality"])
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = feats.shape[0]
     steps = epochs * max(1, n // batch)
