@@ -208,3 +208,43 @@ def test_loader_refuses_a_file_from_the_old_feature_set(tmp_path):
     save_file(state, str(tmp_path / "old.safetensors"), metadata=old)
     with pytest.raises(ModelFileError, match=r"another feature set \(version 1, 65 features.*retrain"):
         Perceiver.load(tmp_path / "old.safetensors")
+
+
+def test_shipped_perceiver_is_an_ensemble_of_the_current_feature_set():
+    from vbridge_core.perceive.features import FEATURE_VERSION
+    from vbridge_core.perceive.model import PerceiverNet
+
+    p = Perceiver.builtin()
+    assert len(p.net.members) >= 2 and p.info.get("feature_version") == FEATURE_VERSION
+    assert p.net.feat_mean.numel() == len(FEATURE_NAMES)
+    # the ensemble's output is the mean of its members'
+    feats = p.net.feat_mean[None] + p.net.feat_std[None] * torch.randn(4, len(FEATURE_NAMES))
+    with torch.no_grad():
+        full = p.net(feats)
+        single = [PerceiverNet.combine([_one(p.net, k)])(feats) for k in range(len(p.net.members))]
+    for j in range(3):
+        assert torch.allclose(full[j], torch.stack([s[j] for s in single]).mean(0), atol=1e-5)
+
+
+def _one(net, k):
+    from vbridge_core.perceive.model import PerceiverNet
+
+    one = PerceiverNet(net.feat_mean.numel(), net.hidden, members=1)
+    one.feat_mean.copy_(net.feat_mean)
+    one.feat_std.copy_(net.feat_std)
+    one.members[0].load_state_dict(net.members[k].state_dict())
+    return one.eval()
+
+
+def test_loader_refuses_weights_that_do_not_match_the_metadata(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vbridge_core.errors import ModelFileError
+
+    with safe_open(str(BUILTIN_PATH), "pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=dict(meta, members="9"))
+    with pytest.raises(ModelFileError, match="does not hold the weights"):
+        Perceiver.load(tmp_path / "bad.safetensors")

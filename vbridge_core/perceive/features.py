@@ -218,6 +218,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "flk6_sat", "flk6_big", "ridge_mean", "ridge_f04", "ridge_f10", "ridge_q", "ridge_off_ratio", "ridge_cells",
     # edge width (blur), v2
     "ew_x", "ew_y", "ew_min", "ew_max", "ew2_min", "ew2_max",
+    # crop side (densities and quantiles of a 64 px crop are noisier than of a 128 px one), v2
+    "log_side",
 )
 #: Version of the feature set (stored in the weights file; a file from another version is refused).
 FEATURE_VERSION = 2
@@ -352,6 +354,7 @@ def crop_features(x: torch.Tensor) -> torch.Tensor:
     ex, ey = ew[0][0], ew[1][0]
     f += [ex[:, None], ey[:, None], torch.minimum(ex, ey)[:, None], torch.maximum(ex, ey)[:, None],
           torch.minimum(ew[0][1], ew[1][1])[:, None], torch.maximum(ew[0][1], ew[1][1])[:, None]]
+    f += [torch.full((b, 1), math.log(min(x.shape[-2:])), dtype=x.dtype)]
     out = torch.cat(f, 1)
     assert out.shape[1] == len(FEATURE_NAMES), (out.shape, len(FEATURE_NAMES))
     return torch.nan_to_num(out, nan=0.0, posinf=10.0, neginf=-10.0)
