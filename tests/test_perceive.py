@@ -248,3 +248,16 @@ def test_loader_refuses_weights_that_do_not_match_the_metadata(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=dict(meta, members="9"))
     with pytest.raises(ModelFileError, match="does not hold the weights"):
         Perceiver.load(tmp_path / "bad.safetensors")
+
+
+def test_invisible_snow_is_labelled_clean_for_training():
+    from vbridge_core.degrade import snow
+    from vbridge_core.perceive.synth import Sample, label_arrays, visible_overlay
+
+    dark, white = torch.full((3, 96, 96), 0.2), torch.full((3, 96, 96), 0.97)
+    assert visible_overlay(dark, snow(dark, 0, density=0.002))
+    assert not visible_overlay(white, snow(white, 0, density=0.002))  # flakes on a white sky change nothing
+    lab = label_arrays([Sample(torch.empty(0), ["snow"], {"snow": 0.5}, ["snow"]),
+                        Sample(torch.empty(0), ["snow"], {"snow": 0.5}, ["snow"], hidden=["snow"])])
+    assert lab["labels"][0, LABELS.index("snow")] == 1 and lab["labels"][1, LABELS.index("clean")] == 1
+    assert lab["severity"][1, FAMILIES.index("snow")] == pytest.approx(0.5)  # severity target kept

@@ -231,6 +231,8 @@ class Sample:
     families: list[str] = field(default_factory=list)
     severity: dict[str, float] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    #: Families applied but not visible in this crop (:func:`visible_overlay`): labelled clean for training.
+    hidden: list[str] = field(default_factory=list)
 
     @property
     def quality(self) -> float:
@@ -250,14 +252,31 @@ def degrade_with(image: torch.Tensor, families: Sequence[str], seed: int,
     out = image
     sev: dict[str, float] = {}
     names = []
+    hidden = []
     for k, fam in enumerate(sorted(families, key=APPLY_ORDER.index)):
         pool = FAMILY_NAMES[fam]
         name = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        before = out
         out, info = random_degradation(out, derive_seed(seed, k, fam), names=[name])
         sev[fam] = max(sev.get(fam, 0.0), severity_of(name, info["params"]))
         names.append(name)
+        if fam in ("rain", "snow") and not visible_overlay(before, out):
+            hidden.append(fam)
         assert family_of(name) == fam
-    return Sample(out, list(sev), sev, names)
+    return Sample(out, list(sev), sev, names, hidden)
+
+
+#: A rain or snow overlay counts as visible when at least this share of the crop's pixels got brighter by
+#: more than :data:`VISIBLE_STEP` (about 25 px of a 128 px crop: a few flakes). Sparse flakes on a bright sky
+#: or streaks on a white wall change nothing a viewer (or the perceiver) can see.
+VISIBLE_SHARE = 0.0015
+VISIBLE_STEP = 0.1
+
+
+def visible_overlay(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether a brightening overlay (rain, snow) changed enough pixels enough to be seen."""
+    changed = ((after - before).amax(0) > VISIBLE_STEP).float().mean()
+    return bool(changed >= VISIBLE_SHARE)
 
 
 def _random_crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -325,6 +344,7 @@ def make_samples(photos: Sequence[tuple[str, torch.Tensor]], count: int, seed: i
 
 #: Below this severity a degradation is invisible at the perceiver's scale (e.g. snow of a few sub-pixel
 #: flakes, JPEG at quality >= 91): the training label says ``clean`` (the severity target keeps the value).
+#: Rain and snow overlays that :func:`visible_overlay` finds invisible in the crop are labelled the same way.
 PERCEPTIBLE = 0.1
 
 
@@ -337,7 +357,7 @@ def label_arrays(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
     q = np.zeros(len(samples), np.float32)
     for i, s in enumerate(samples):
         for f, v in s.severity.items():
-            lab[i, LABELS.index(f)] = 1.0 if v >= PERCEPTIBLE else 0.0
+            lab[i, LABELS.index(f)] = 1.0 if v >= PERCEPTIBLE and f not in s.hidden else 0.0
             sev[i, FAMILIES.index(f)] = v
         if not lab[i].any():
             lab[i, LABELS.index("clean")] = 1.0

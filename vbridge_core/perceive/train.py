@@ -59,7 +59,7 @@ def build_training_set(count: int, seed: int, photos: Optional[list] = None,
             m = min(256, n - done)
             samples = make_samples(photos, m, seed=seed * 7919 + k * 104729 + done, size=size)
             feats.append(sample_features(samples))
-            samples_all += [Sample(torch.empty(0), s.families, s.severity, s.names) for s in samples]
+            samples_all += [Sample(torch.empty(0), s.families, s.severity, s.names, s.hidden) for s in samples]
             done += m
             if progress is not None:
                 progress(len(samples_all), count)
