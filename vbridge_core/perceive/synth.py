@@ -1,7 +1,8 @@
 """Training and evaluation data for the perceiver: clean photos, degraded by :mod:`vbridge_core.degrade`.
 
 Clean sources: scikit-image's bundled sample photos (shipped inside the ``scikit-image`` wheel,
-no download) and the pack's own procedural samples (``vbridge_core/assets/samples/*/hq``). Images
+no download), the pack's own procedural samples (``vbridge_core/assets/samples/*/hq``) and seeded
+procedural scenes (:func:`procedural_photos`). Images
 that are themselves degraded (``clock_motion`` is motion-blurred, ``hubble_deep_field`` is a dark
 JPEG) or not photos (``horse`` is binary, ``logo`` has an alpha cut-out) are left out. The photos
 are split into a training set and a held-out set (:data:`HELD_OUT_PHOTOS`) that the benchmark

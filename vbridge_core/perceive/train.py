@@ -1,9 +1,10 @@
 """Train the built-in perceiver (seeded, CPU, a few minutes): ``python -m vbridge_core train-perceiver``.
 
 Steps: draw degraded crops from the training photos (:mod:`.synth`), compute their statistics
-(:mod:`.features`), fit :class:`.model.PerceiverNet` with binary cross-entropy on the labels plus
-squared errors on severity and quality, and write the safetensors file. The shipped
-``perceiver.safetensors`` comes from ``train_builtin(seed=0)`` with the defaults.
+(:mod:`.features`), fit :data:`MEMBERS` MLPs from different seeds with binary cross-entropy on the labels
+plus squared errors on severity and quality, average them in one :class:`.model.PerceiverNet`, and write
+the safetensors file. The shipped ``perceiver.safetensors`` comes from ``train_builtin(seed=0)`` with the
+defaults (36000 crops, about 6.5 minutes of one CPU core).
 """
 from __future__ import annotations
 
