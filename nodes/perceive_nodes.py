@@ -234,8 +234,8 @@ class TrainPerceiver:
                     "statistics-based perceiver (the shipped one is already trained).")}),
                 "output_name": ("STRING", {"default": "my_perceiver", "tooltip": (
                     "File name in models/vbridge_perceivers (no folders).")}),
-                "samples": ("INT", {"default": 400, "min": 50, "max": 20000, "tooltip": (
-                    "Degraded training images when no pairs are connected (builtin: 6000 is the shipped setting).")}),
+                "samples": ("INT", {"default": 400, "min": 50, "max": 100000, "tooltip": (
+                    "Degraded training images when no pairs are connected (builtin: 36000 is the shipped setting).")}),
                 "steps": ("INT", {"default": 300, "min": 10, "max": 5000, "tooltip": "CLIP prompt-learning steps."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
                                   "tooltip": "Seed of the synthetic degradations and the training run (same seed, same perceiver)."}),

@@ -129,3 +129,135 @@ def test_train_perceiver_builtin_small_run(tmp_path):
     reps = p.perceive([torch.rand(3, 64, 64)])
     assert isinstance(reps[0], PerceptionReport)
     assert main(["train-perceiver", "--out", str(out), "--samples", "10"]) == 2
+
+
+def _feat(x: torch.Tensor, name: str) -> torch.Tensor:
+    return crop_features(x)[:, FEATURE_NAMES.index(name)]
+
+
+def _disks(base: torch.Tensor, centres, radius: float, value: float) -> torch.Tensor:
+    out = base.clone()
+    yy, xx = torch.meshgrid(torch.arange(base.shape[-2]), torch.arange(base.shape[-1]), indexing="ij")
+    for cy, cx in centres:
+        out[:, ((yy - cy) ** 2 + (xx - cx) ** 2) <= radius ** 2] = value
+    return out
+
+
+def test_flake_features_respond_to_small_isolated_spots_not_to_a_large_bright_region():
+    g = torch.Generator().manual_seed(0)
+    base = 0.3 + 0.05 * torch.rand(3, 128, 128, generator=g)
+    centres = [tuple(int(v) for v in torch.randint(6, 122, (2,), generator=g)) for _ in range(30)]
+    flakes = _disks(base, centres, 2.0, 0.95)
+    big = base.clone()
+    big[:, 30:90, 30:90] = 0.95  # one large bright region (sky, smoke): not snow
+    stones = _disks(base, centres[:6], 12.0, 0.95)  # a few big bright stones: not snow either
+    x = torch.stack([base, flakes, big, stones])
+    for name in ("flk6_d15", "flk3_d15", "flk6_cells"):
+        v = _feat(x, name)
+        assert v[1] > v[0] + 1e-3 and v[1] > v[2] + 1e-3 and v[1] > v[3] + 1e-3, (name, v)
+    assert _feat(x, "flk6_q")[1] > 0.4 > 0.1 > float(_feat(x, "flk6_q")[2])
+
+
+def test_ridge_features_respond_to_thin_near_vertical_lines_not_to_spots_or_horizontal_lines():
+    base = torch.full((3, 128, 128), 0.3)
+    vertical = base.clone()
+    horizontal = base.clone()
+    for k in range(8, 120, 12):
+        vertical[:, 10:110, k] = 0.9
+        horizontal[:, k, 10:110] = 0.9
+    spots = _disks(base, [(r, c) for r in range(10, 120, 16) for c in range(10, 120, 16)], 1.5, 0.9)
+    x = torch.stack([base, vertical, horizontal, spots])
+    ridge, ratio = _feat(x, "ridge_mean"), _feat(x, "ridge_off_ratio")
+    assert ridge[1] > ridge[0] + 2 and ridge[1] > ridge[3] + 2, ridge
+    assert ratio[1] > 1.0 and ratio[2] < -1.0, ratio
+
+
+def test_edge_width_separates_a_sharp_step_from_a_blurred_one():
+    from vbridge_core.degrade import gaussian_blur
+
+    step = torch.zeros(3, 96, 96)
+    step[:, :, 48:] = 0.8
+    step[:, 48:, :] = 0.8 - step[:, 48:, :]
+    blurred = gaussian_blur(step, sigma=1.2)
+    ew = _feat(torch.stack([step, blurred]), "ew_min")
+    assert ew[0] > -0.1 and ew[1] < ew[0] - 0.5, ew
+
+
+def test_procedural_photos_are_deterministic_clean_and_varied():
+    from vbridge_core.perceive.synth import procedural_photos
+
+    a, b = procedural_photos(4, size=96), procedural_photos(4, size=96)
+    assert [n for n, _ in a] == ["procedural:0", "procedural:1", "procedural:2", "procedural:3"]
+    for (_, x), (_, y) in zip(a, b):
+        assert x.shape == (3, 96, 96) and torch.equal(x, y) and 0 <= float(x.min()) and float(x.max()) <= 1
+        assert float(x.std()) > 0.03
+        assert torch.equal(x, (x * 255).round() / 255)  # 8-bit like a file
+
+
+def test_loader_refuses_a_file_from_the_old_feature_set(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vbridge_core.errors import ModelFileError
+
+    with safe_open(str(BUILTIN_PATH), "pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    old = dict(meta, features=json.dumps(list(FEATURE_NAMES[:65])))
+    old.pop("feature_version", None)
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=old)
+    with pytest.raises(ModelFileError, match=r"another feature set \(version 1, 65 features.*retrain"):
+        Perceiver.load(tmp_path / "old.safetensors")
+
+
+def test_shipped_perceiver_is_an_ensemble_of_the_current_feature_set():
+    from vbridge_core.perceive.features import FEATURE_VERSION
+    from vbridge_core.perceive.model import PerceiverNet
+
+    p = Perceiver.builtin()
+    assert len(p.net.members) >= 2 and p.info.get("feature_version") == FEATURE_VERSION
+    assert p.net.feat_mean.numel() == len(FEATURE_NAMES)
+    # the ensemble's output is the mean of its members'
+    feats = p.net.feat_mean[None] + p.net.feat_std[None] * torch.randn(4, len(FEATURE_NAMES))
+    with torch.no_grad():
+        full = p.net(feats)
+        single = [PerceiverNet.combine([_one(p.net, k)])(feats) for k in range(len(p.net.members))]
+    for j in range(3):
+        assert torch.allclose(full[j], torch.stack([s[j] for s in single]).mean(0), atol=1e-5)
+
+
+def _one(net, k):
+    from vbridge_core.perceive.model import PerceiverNet
+
+    one = PerceiverNet(net.feat_mean.numel(), net.hidden, members=1)
+    one.feat_mean.copy_(net.feat_mean)
+    one.feat_std.copy_(net.feat_std)
+    one.members[0].load_state_dict(net.members[k].state_dict())
+    return one.eval()
+
+
+def test_loader_refuses_weights_that_do_not_match_the_metadata(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vbridge_core.errors import ModelFileError
+
+    with safe_open(str(BUILTIN_PATH), "pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=dict(meta, members="9"))
+    with pytest.raises(ModelFileError, match="does not hold the weights"):
+        Perceiver.load(tmp_path / "bad.safetensors")
+
+
+def test_invisible_snow_is_labelled_clean_for_training():
+    from vbridge_core.degrade import snow
+    from vbridge_core.perceive.synth import Sample, label_arrays, visible_overlay
+
+    dark, white = torch.full((3, 96, 96), 0.2), torch.full((3, 96, 96), 0.97)
+    assert visible_overlay(dark, snow(dark, 0, density=0.002))
+    assert not visible_overlay(white, snow(white, 0, density=0.002))  # flakes on a white sky change nothing
+    lab = label_arrays([Sample(torch.empty(0), ["snow"], {"snow": 0.5}, ["snow"]),
+                        Sample(torch.empty(0), ["snow"], {"snow": 0.5}, ["snow"], hidden=["snow"])])
+    assert lab["labels"][0, LABELS.index("snow")] == 1 and lab["labels"][1, LABELS.index("clean")] == 1
+    assert lab["severity"][1, FAMILIES.index("snow")] == pytest.approx(0.5)  # severity target kept

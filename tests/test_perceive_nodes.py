@@ -31,7 +31,7 @@ def batch() -> torch.Tensor:
     from vbridge_core.degrade import gaussian_noise
     from vbridge_core.perceive.synth import clean_photos
 
-    clean = dict(clean_photos("held_out"))["camera.png"][:, 100:164, 100:164]
+    clean = dict(clean_photos("held_out"))["camera.png"][:, 64:128, 64:128]
     return torch.stack([clean, gaussian_noise(clean, 0, sigma=0.15)]).permute(0, 2, 3, 1).contiguous()
 
 

@@ -39,7 +39,7 @@ def photos():
     from vbridge_core.degrade import degrade
     from vbridge_core.perceive.synth import clean_photos
 
-    clean = dict(clean_photos("held_out"))["camera.png"][:, 100:164, 100:164].contiguous()
+    clean = dict(clean_photos("held_out"))["camera.png"][:, 64:128, 64:128].contiguous()
     return {"clean.png": clean, "noisy.png": degrade(clean, "gaussian_noise", 0, sigma=0.15),
             "rainy.png": degrade(clean, "rain", 1, density=0.012, intensity=0.8)}
 

@@ -41,7 +41,7 @@ def add_perceive_parsers(sub) -> None:
                    "each task's LQ images are examples of the degradation its name says, HQ images of clean")
     t.add_argument("--clip-vision", metavar="FILE", help="(clip) CLIP vision model: ComfyUI's clip_vision_h.safetensors "
                    "or a transformers folder")
-    t.add_argument("--samples", type=int, default=None, help="degraded training crops (default: builtin 6000, "
+    t.add_argument("--samples", type=int, default=None, help="degraded training crops (default: builtin 36000, "
                    "clip 400 when no --tasks)")
     t.add_argument("--epochs", type=int, default=120, help="(builtin) passes over the training features")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
@@ -147,9 +147,10 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
         if a.tasks or a.clip_vision:
             raise InputError("--tasks and --clip-vision are for --kind clip; the built-in perceiver trains on "
                              "degraded photos only")
-        from .perceive.train import train_builtin
+        from .perceive.train import DEFAULT_SAMPLES, train_builtin
 
-        _, info = train_builtin(a.out, seed=a.seed, count=a.samples or 6000, epochs=a.epochs, threads=a.threads)
+        _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
+                                threads=a.threads)
         logger.info("built-in perceiver: %s", info)
         return 0
     if not a.clip_vision:

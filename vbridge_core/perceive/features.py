@@ -148,6 +148,54 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).mean(1) / (a.pow(2).mean(1).sqrt() * b.pow(2).mean(1).sqrt() + 1e-8)
 
 
+def _shifts(y: torch.Tensor, m: int):
+    """``z(dy, dx)`` with ``z[p] = y[p + (dy, dx)]`` (replicated borders, ``|dy|, |dx| <= m``)."""
+    h, w = y.shape[-2:]
+    p = F.pad(y, (m, m, m, m), mode="replicate")
+    return lambda dy, dx: p[..., m + dy:m + dy + h, m + dx:m + dx + w]
+
+
+def _ring_max(y: torch.Tensor, r: int) -> torch.Tensor:
+    """Maximum of ``y`` at 8 points on a circle of radius ``r`` around each pixel."""
+    s = _shifts(y, r)
+    d = max(1, round(r / math.sqrt(2)))
+    pts = [(r, 0), (-r, 0), (0, r), (0, -r), (d, d), (d, -d), (-d, d), (-d, -d)]
+    out = s(*pts[0])
+    for q in pts[1:]:
+        out = torch.maximum(out, s(*q))
+    return out
+
+
+def _flake_maps(y: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Isolated bright spots: ``iso = y - max(ring of radius r)`` (>= 0) and the mask of its local maxima.
+
+    A flake smaller than the ring stands above every ring point; an edge, a large bright region or
+    a thin line (rain, wires) has bright ring points too, so it scores ~0."""
+    iso = (y - _ring_max(y, r)).clamp(min=0)
+    peak = (iso > 0) & (iso >= _dilate(iso, 3, 3))
+    return iso, peak
+
+
+#: Rain-like ridges: tilts from vertical (degrees) searched, and the off-axis tilts they are compared with.
+_RIDGE_TILTS = (-30.0, -15.0, 0.0, 15.0, 30.0)
+_RIDGE_OFF = (60.0, 90.0, -60.0)
+
+
+def _ridge(y: torch.Tensor, tilt_deg: float, s) -> torch.Tensor:
+    """Thin bright line evidence at one tilt: brighter than both sides (2 px across) at the pixel and
+    4 px up and down the line (min of the three), so short blobs and edges score ~0."""
+    a = math.radians(tilt_deg)
+    ty, tx = math.cos(a), math.sin(a)  # along the line
+    ny, nx = -tx, ty  # across
+
+    def across(oy: int, ox: int) -> torch.Tensor:
+        c = s(oy, ox)
+        return c - torch.maximum(s(oy + round(2 * ny), ox + round(2 * nx)), s(oy - round(2 * ny), ox - round(2 * nx)))
+
+    up = (round(4 * ty), round(4 * tx))
+    return torch.minimum(torch.minimum(across(0, 0), across(*up)), across(-up[0], -up[1])).clamp(min=0)
+
+
 FEATURE_NAMES: tuple[str, ...] = (
     # tone
     "y_q01", "y_q05", "y_q25", "y_q50", "y_q75", "y_q95", "y_q99", "y_mean", "y_std", "log_y_std",
@@ -165,7 +213,16 @@ FEATURE_NAMES: tuple[str, ...] = (
     "th_h_mean", "th_v_mean", "th_sq_mean", "th_h_q99", "th_v_q99", "th_sq_q99", "th_h_v_ratio",
     "th_sq_frac", "th_h_frac", "th_v_frac", "th_diag_ratio", "th_sat", "white_blob_frac", "white_blob_share",
     "white_line_frac",
+    # isolated bright spots (flakes) and thin bright lines (rain), v2
+    "flk3_d05", "flk3_d15", "flk3_q", "flk6_d05", "flk6_d15", "flk6_d30", "flk6_q", "flk6_cells", "flk6_bg",
+    "flk6_sat", "flk6_big", "ridge_mean", "ridge_f04", "ridge_f10", "ridge_q", "ridge_off_ratio", "ridge_cells",
+    # edge width (blur), v2
+    "ew_x", "ew_y", "ew_min", "ew_max", "ew2_min", "ew2_max",
+    # crop side (densities and quantiles of a 64 px crop are noisier than of a 128 px one), v2
+    "log_side",
 )
+#: Version of the feature set (stored in the weights file; a file from another version is refused).
+FEATURE_VERSION = 2
 
 
 def crop_features(x: torch.Tensor) -> torch.Tensor:
@@ -256,6 +313,48 @@ def crop_features(x: torch.Tensor) -> torch.Tensor:
     wb = (blob * whiteish).mean((1, 2, 3))
     f += [torch.log(wb + 1e-4)[:, None], (wb / blob.mean((1, 2, 3)).clamp(min=1e-4))[:, None],
           torch.log(((th_h > 0.08).float() * whiteish).mean((1, 2, 3)) + 1e-4)[:, None]]
+    # isolated bright spots (snow flakes): local maxima standing above a ring of radius 3 or 6 px
+    def _dens(m: torch.Tensor) -> torch.Tensor:
+        return torch.log(m.float().mean((1, 2, 3)) + 1e-4)[:, None]
+
+    def _cells(m: torch.Tensor) -> torch.Tensor:  # share of 4 x 4 cells holding at least one
+        hh, ww = m.shape[-2] // 4 * 4, m.shape[-1] // 4 * 4
+        if hh < 4 or ww < 4:
+            return m.float().amax((1, 2, 3))[:, None]
+        c = F.adaptive_max_pool2d(m[..., :hh, :ww].float(), 4)
+        return c.mean((1, 2, 3))[:, None]
+
+    iso3, pk3 = _flake_maps(y, 3)
+    iso6, pk6 = _flake_maps(y, 6)
+    p6 = pk6 & (iso6 > 0.05)
+    ring6 = y - iso6
+    f += [_dens(pk3 & (iso3 > 0.05)), _dens(pk3 & (iso3 > 0.15)), _q(iso3, [0.999]),
+          _dens(p6), _dens(pk6 & (iso6 > 0.15)), _dens(pk6 & (iso6 > 0.3)), _q(iso6, [0.999]),
+          _cells(pk6 & (iso6 > 0.1)),
+          ((ring6 * p6).sum((1, 2, 3)) / p6.sum((1, 2, 3)).clamp(min=1))[:, None],
+          ((sat * p6).sum((1, 2, 3)) / p6.sum((1, 2, 3)).clamp(min=1))[:, None],
+          # spots that stand out at 6 px but not at 3 px are bigger than flakes (stones, speculars)
+          torch.log((pk6 & (iso6 > 0.1) & (iso3 < 0.03)).float().mean((1, 2, 3)) + 1e-4)[:, None]]
+    # thin bright lines near vertical (rain) vs off-vertical ones (wires, edges of thin structures)
+    s8 = _shifts(y, 8)
+    ridge = torch.stack([_ridge(y, t, s8) for t in _RIDGE_TILTS]).amax(0)
+    off = torch.stack([_ridge(y, t, s8) for t in _RIDGE_OFF]).amax(0)
+    f += [torch.log(ridge.mean((1, 2, 3)) + 1e-4)[:, None], (ridge > 0.04).float().mean((1, 2, 3))[:, None],
+          (ridge > 0.1).float().mean((1, 2, 3))[:, None], _q(ridge, [0.995]),
+          torch.log((ridge.mean((1, 2, 3)) + 1e-4) / (off.mean((1, 2, 3)) + 1e-4))[:, None], _cells(ridge > 0.06)]
+    # edge width: at the strongest edges a sharp step is as high over 1 px as over 4 px; blur spreads it
+    ew = []
+    for dim in (-1, -2):
+        n = y.shape[dim]
+        d1 = (y.narrow(dim, 1, n - 1) - y.narrow(dim, 0, n - 1)).abs()
+        d4 = (y.narrow(dim, 4, n - 4) - y.narrow(dim, 0, n - 4)).abs()
+        d2 = (y.narrow(dim, 2, n - 2) - y.narrow(dim, 0, n - 2)).abs()
+        q1, q4, q2 = _q(d1, [0.995])[:, 0], _q(d4, [0.995])[:, 0], _q(d2, [0.995])[:, 0]
+        ew.append((torch.log((q1 + 0.01) / (q4 + 0.01)), torch.log((q1 + 0.01) / (q2 + 0.01))))
+    ex, ey = ew[0][0], ew[1][0]
+    f += [ex[:, None], ey[:, None], torch.minimum(ex, ey)[:, None], torch.maximum(ex, ey)[:, None],
+          torch.minimum(ew[0][1], ew[1][1])[:, None], torch.maximum(ew[0][1], ew[1][1])[:, None]]
+    f += [torch.full((b, 1), math.log(min(x.shape[-2:])), dtype=x.dtype)]
     out = torch.cat(f, 1)
     assert out.shape[1] == len(FEATURE_NAMES), (out.shape, len(FEATURE_NAMES))
     return torch.nan_to_num(out, nan=0.0, posinf=10.0, neginf=-10.0)

@@ -1,8 +1,8 @@
-"""The built-in perceiver: hand-crafted statistics -> a small MLP -> labels, severities, quality.
+"""The built-in perceiver: hand-crafted statistics -> a small MLP ensemble -> labels, severities, quality.
 
-:class:`PerceiverNet` is the network (feature standardisation, two hidden layers, three heads:
-8 label logits (multi-label, sigmoid), 7 severities (sigmoid, 0 where a family is absent) and the
-quality score (sigmoid)). :class:`Perceiver` runs it on whole images of any size: the image is
+:class:`PerceiverNet` is the network (feature standardisation, then an average of a few MLPs with two
+hidden layers and three heads each: 8 label logits (multi-label, sigmoid), 7 severities (sigmoid, 0
+where a family is absent) and the quality score (sigmoid)). :class:`Perceiver` runs it on whole images of any size: the image is
 checked (finite values, 1/3/4 channels, at least :data:`MIN_SIDE` px), a copy of a huge image is
 downscaled to :data:`MAX_SIDE` on its long side, up to 3 x 3 crops of :data:`CROP` px are taken at
 native scale on an even grid, and their outputs are averaged. The weights ship in the package as
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelFileError
-from .features import FEATURE_NAMES, crop_features
+from .features import FEATURE_NAMES, FEATURE_VERSION, crop_features
 from .labels import FAMILIES, LABELS, tier_of
 
 logger = logging.getLogger(__name__)
@@ -40,22 +40,56 @@ GRID = 3
 FORMAT = "vbridge-perceiver-mlp"
 
 
-class PerceiverNet(nn.Module):
-    """Standardised features -> MLP -> (label logits [B, 8], severity [B, 7], quality [B])."""
+class _Member(nn.Module):
+    """One MLP of the ensemble: two hidden layers, three heads (label logits, severity, quality)."""
 
-    def __init__(self, n_features: int = len(FEATURE_NAMES), hidden: int = 128) -> None:
+    def __init__(self, n_features: int, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.register_buffer("feat_mean", torch.zeros(n_features))
-        self.register_buffer("feat_std", torch.ones(n_features))
-        self.body = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Dropout(0.1),
+        self.body = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Dropout(dropout),
                                   nn.Linear(hidden, hidden), nn.GELU())
         self.labels = nn.Linear(hidden, len(LABELS))
         self.severity = nn.Linear(hidden, len(FAMILIES))
         self.quality = nn.Linear(hidden, 1)
 
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.body((feats - self.feat_mean) / self.feat_std)
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.body(z)
         return self.labels(h), torch.sigmoid(self.severity(h)), torch.sigmoid(self.quality(h))[:, 0]
+
+
+class PerceiverNet(nn.Module):
+    """Standardised features -> ``members`` MLPs (averaged) -> (label logits [B, 8], severity [B, 7], quality [B]).
+
+    An ensemble of small MLPs trained from different seeds: one MLP's verdict on the borderline
+    families (snow vs clean) moves with its seed; the average does much less."""
+
+    def __init__(self, n_features: int = len(FEATURE_NAMES), hidden: int = 128, dropout: float = 0.1,
+                 members: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(n_features))
+        self.register_buffer("feat_std", torch.ones(n_features))
+        self.members = nn.ModuleList(_Member(n_features, hidden, dropout) for _ in range(members))
+
+    @property
+    def hidden(self) -> int:
+        return self.members[0].body[0].out_features
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = (feats - self.feat_mean) / self.feat_std
+        outs = [m(z) for m in self.members]
+        if len(outs) == 1:
+            return outs[0]
+        return tuple(torch.stack(o).mean(0) for o in zip(*outs))  # type: ignore[return-value]
+
+    @classmethod
+    def combine(cls, nets: Sequence["PerceiverNet"]) -> "PerceiverNet":
+        """One ensemble from single nets fitted on the same features (same standardisation)."""
+        first = nets[0]
+        out = cls(first.feat_mean.numel(), first.hidden, members=0)
+        out.feat_mean.copy_(first.feat_mean)
+        out.feat_std.copy_(first.feat_std)
+        for n in nets:
+            out.members.extend(n.members)
+        return out
 
 
 @dataclass
@@ -161,11 +195,23 @@ class Perceiver:
         if meta.get("format") != FORMAT:
             raise ModelFileError(f"{p} is not a built-in perceiver file (format {meta.get('format')!r}); a CLIP "
                                  "perceiver is used with a CLIP vision model (ClipPerceiver)")
-        if json.loads(meta.get("features", "[]")) != list(FEATURE_NAMES):
-            raise ModelFileError(f"{p} was trained on another feature set; retrain it with this version "
-                                 "(`python -m vbridge_core train-perceiver`)")
-        net = PerceiverNet(len(FEATURE_NAMES), int(meta.get("hidden", 128)))
-        net.load_state_dict(state)
+        try:
+            names = json.loads(meta.get("features", "[]"))
+        except ValueError:
+            names = None
+        version = meta.get("feature_version", "1")
+        if names != list(FEATURE_NAMES) or version != str(FEATURE_VERSION):
+            n = len(names) if isinstance(names, list) else "?"
+            raise ModelFileError(f"{p} was trained on another feature set (version {version}, {n} features; this "
+                                 f"version of the pack computes version {FEATURE_VERSION}, {len(FEATURE_NAMES)} "
+                                 "features); retrain it with this version (`python -m vbridge_core train-perceiver "
+                                 "--out FILE`) or use the shipped perceiver")
+        net = PerceiverNet(len(FEATURE_NAMES), int(meta.get("hidden", 128)), members=int(meta.get("members", 1)))
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelFileError(f"{p} does not hold the weights its metadata describes ({e}); retrain it with "
+                                 "`python -m vbridge_core train-perceiver`") from None
         return cls(net, json.loads(meta.get("info", "{}")))
 
     @classmethod
@@ -180,8 +226,9 @@ class Perceiver:
         """Write the weights and a description atomically as safetensors."""
         from ..fileio import save_safetensors_atomic
 
-        meta = {"format": FORMAT, "features": json.dumps(list(FEATURE_NAMES)), "labels": json.dumps(list(LABELS)),
-                "hidden": str(self.net.body[0].out_features), "info": json.dumps(self.info)}
+        meta = {"format": FORMAT, "features": json.dumps(list(FEATURE_NAMES)), "feature_version": str(FEATURE_VERSION),
+                "labels": json.dumps(list(LABELS)),
+                "hidden": str(self.net.hidden), "members": str(len(self.net.members)), "info": json.dumps(self.info)}
         return save_safetensors_atomic(self.net.state_dict(), path, metadata=meta)
 
     # ------------------------------------------------------------------ inference

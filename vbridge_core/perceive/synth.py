@@ -1,7 +1,8 @@
 """Training and evaluation data for the perceiver: clean photos, degraded by :mod:`vbridge_core.degrade`.
 
 Clean sources: scikit-image's bundled sample photos (shipped inside the ``scikit-image`` wheel,
-no download) and the pack's own procedural samples (``vbridge_core/assets/samples/*/hq``). Images
+no download), the pack's own procedural samples (``vbridge_core/assets/samples/*/hq``) and seeded
+procedural scenes (:func:`procedural_photos`). Images
 that are themselves degraded (``clock_motion`` is motion-blurred, ``hubble_deep_field`` is a dark
 JPEG) or not photos (``horse`` is binary, ``logo`` has an alpha cut-out) are left out. The photos
 are split into a training set and a held-out set (:data:`HELD_OUT_PHOTOS`) that the benchmark
@@ -68,8 +69,158 @@ def clean_photos(split: str = "train") -> list[tuple[str, torch.Tensor]]:
     if split in ("train", "all"):
         samples = Path(__file__).resolve().parents[1] / "assets" / "samples"
         out += [(f"sample:{p.parent.parent.name}/{p.name}", load_image(p)) for p in sorted(samples.glob("*/hq/*.png"))]
+        out += procedural_photos(PROCEDURAL_COUNT)
     if not out:
         raise InputError(f"no clean photos found in {folder}")
+    return out
+
+
+#: Procedural clean scenes added to the training photos (:func:`procedural_photos`).
+PROCEDURAL_COUNT = 24
+
+
+def _power_field(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """A smooth random field [n, n] with amplitude spectrum 1/f**exponent, scaled to 0..1."""
+    fy = np.fft.fftfreq(n)[:, None]
+    fx = np.fft.rfftfreq(n)[None, :]
+    f = np.sqrt(fy ** 2 + fx ** 2)
+    f[0, 0] = 1.0
+    spec = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f ** exponent
+    spec[0, 0] = 0
+    x = np.fft.irfft2(spec, s=(n, n))
+    return (x - x.min()) / max(1e-8, x.max() - x.min())
+
+
+def _dead_leaves(rng: np.random.Generator, n: int, rmin: float, rmax: float, gray: bool, bright: float) -> np.ndarray:
+    """Occluding shaded disks and rectangles (radius power law rmin..rmax px) on a smooth background [n, n, 3]."""
+    img = np.repeat(_power_field(rng, n, 2.0)[..., None], 3, -1) * 0.5 + 0.25
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    count = int(np.clip(3.0 * n * n / (rmin * rmax * np.pi), 30, 2500))
+    for _ in range(count):
+        r = rmin * (rmax / rmin) ** rng.random() ** 1.5
+        cy, cx = rng.uniform(-r, n + r, 2)
+        y0, y1, x0, x1 = (max(0, int(cy - r)), min(n, int(cy + r) + 2), max(0, int(cx - r)), min(n, int(cx + r) + 2))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        py, px = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+        if rng.random() < 0.6:
+            m = py ** 2 + px ** 2 <= r * r
+        else:
+            a = rng.uniform(0, np.pi)
+            u, v = np.cos(a) * px + np.sin(a) * py, -np.sin(a) * px + np.cos(a) * py
+            m = (np.abs(u) <= r) & (np.abs(v) <= r * rng.uniform(0.2, 1.0))
+        level = rng.uniform(0.05, bright)
+        col = np.full(3, level) if gray else np.clip(level * (1 + rng.uniform(-0.6, 0.6, 3)), 0, 1)
+        shade = 1.0 + rng.uniform(-0.35, 0.35) * (py * rng.normal() + px * rng.normal()) / (r * 2)
+        img[y0:y1, x0:x1][m] = np.clip(col[None, :] * shade[m][:, None], 0, 1)
+    return img
+
+
+def _segment(img: np.ndarray, p0, p1, width: float, col: np.ndarray) -> None:
+    """Draw an anti-aliased straight segment of ``width`` px into ``img`` [n, n, 3] (in place)."""
+    n = img.shape[0]
+    (y0, x0), (y1, x1) = p0, p1
+    ya, yb = int(max(0, min(y0, y1) - width - 1)), int(min(n, max(y0, y1) + width + 2))
+    xa, xb = int(max(0, min(x0, x1) - width - 1)), int(min(n, max(x0, x1) + width + 2))
+    if ya >= yb or xa >= xb:
+        return
+    yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
+    dy, dx = y1 - y0, x1 - x0
+    t = np.clip(((yy - y0) * dy + (xx - x0) * dx) / max(1e-6, dy * dy + dx * dx), 0, 1)
+    d = np.hypot(yy - (y0 + t * dy), xx - (x0 + t * dx))
+    a = np.clip(width / 2 + 0.5 - d, 0, 1)[..., None]
+    img[ya:yb, xa:xb] = img[ya:yb, xa:xb] * (1 - a) + col * a
+
+
+def _lines_scene(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Thin structures that are not rain: a tiled wall (mortar lines) or many long thin bright and dark lines and
+    curves (wires, whiskers, grass blades, masts) in every direction over a textured background."""
+    base = _power_field(rng, n, rng.uniform(1.2, 2.0))[..., None] * rng.uniform(0.2, 0.5) + rng.uniform(0.1, 0.5)
+    img = np.clip(base * (1 + rng.uniform(-0.4, 0.4, 3)), 0, 1).astype(np.float32)
+    if rng.random() < 0.5:  # tiles / bricks: a regular grid of light or dark joints at a random angle
+        a = rng.uniform(-0.5, 0.5) + (np.pi / 2 if rng.random() < 0.5 else 0)
+        bw, bh = rng.uniform(30, 120), rng.uniform(14, 50)
+        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+        u, v = np.cos(a) * xx + np.sin(a) * yy, -np.sin(a) * xx + np.cos(a) * yy
+        row = np.floor(v / bh)
+        du = np.abs(((u + (row % 2) * bw / 2) % bw) - bw / 2)
+        dv = np.abs((v % bh) - bh / 2)
+        w = rng.uniform(2, 6)
+        joint = np.clip(np.maximum(w / 2 + 0.5 - (bw / 2 - du), w / 2 + 0.5 - (bh / 2 - dv)), 0, 1)[..., None]
+        tone = rng.uniform(0.6, 0.95) if rng.random() < 0.7 else rng.uniform(0.02, 0.2)
+        img = img * (1 - joint) + tone * joint
+    for _ in range(int(rng.integers(20, 120))):
+        y0, x0 = rng.uniform(0, n, 2)
+        ang = rng.uniform(0, np.pi)
+        length = rng.uniform(20, 400)
+        bend = rng.uniform(-0.4, 0.4)
+        col = np.full(3, rng.uniform(0.6, 1.0) if rng.random() < 0.6 else rng.uniform(0.0, 0.25))
+        width = rng.uniform(1.5, 4.0)
+        pts = 4
+        for k in range(pts):
+            a0, a1 = ang + bend * k / pts, ang + bend * (k + 1) / pts
+            y1, x1 = y0 + length / pts * np.cos(a0), x0 + length / pts * np.sin(a0)
+            _segment(img, (y0, x0), (y1, x1), width, col)
+            y0, x0 = y1, x1
+    return img
+
+
+def _bright_objects(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Bright round objects on a darker ground (coins, pebbles, lamps, fruit) with a few small specular highlights."""
+    img = np.repeat(_power_field(rng, n, 2.0)[..., None], 3, -1) * rng.uniform(0.1, 0.3) + rng.uniform(0.0, 0.3)
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    tex = _power_field(rng, n, 1.3)
+    for _ in range(int(rng.integers(8, 60))):
+        r = rng.uniform(10, 70)
+        cy, cx = rng.uniform(0, n, 2)
+        d = np.hypot(yy - cy, xx - cx)
+        a = np.clip(r + 0.5 - d, 0, 1)[..., None]
+        level = rng.uniform(0.55, 0.95)
+        col = np.clip(level * (1 + rng.uniform(-0.3, 0.3, 3) * (rng.random() < 0.6)), 0, 1)
+        body = col * (0.75 + 0.35 * tex[..., None]) * (1 - 0.25 * np.clip(d / r, 0, 1) ** 2)[..., None]
+        img = img * (1 - a) + np.clip(body, 0, 1) * a
+        if rng.random() < 0.3:  # a specular highlight on the object
+            hy, hx = cy - r * rng.uniform(0.2, 0.6), cx - r * rng.uniform(-0.4, 0.4)
+            hs = rng.uniform(2.5, 6)
+            g = np.exp(-((yy - hy) ** 2 + (xx - hx) ** 2) / (2 * hs * hs))[..., None]
+            img = img + (1 - img) * g * rng.uniform(0.5, 0.9)
+    return np.clip(img, 0, 1)
+
+
+def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size: int = 384) -> list[tuple[str, torch.Tensor]]:
+    """Clean procedural scenes ``[(name, [3, size, size])]`` (deterministic): dead-leaves (occluding shaded
+    shapes, colour or gray stones), smooth 1/f textures, and bright skies / white cloud fields over such
+    ground, rendered at 2x and area-downscaled (anti-aliased, sharp, noise-free). They add content the
+    bundled photos lack: many bright stones, bright smooth regions and highlights that are not snow."""
+    rng = np.random.default_rng(seed)
+    out = []
+    n = size * 2
+    for i in range(count):
+        kind = i % 6
+        if kind == 0:
+            img = _dead_leaves(rng, n, rng.uniform(6, 12), rng.uniform(80, 240), False, rng.uniform(0.7, 1.0))
+        elif kind == 1:
+            img = _dead_leaves(rng, n, rng.uniform(6, 10), rng.uniform(24, 60), True, rng.uniform(0.75, 1.0))
+        elif kind == 2:
+            f = np.stack([_power_field(rng, n, rng.uniform(1.1, 1.6)) for _ in range(3)], -1)
+            mix = rng.uniform(0.5, 0.9)
+            img = f[..., :1] * mix + f * (1 - mix)
+            lo, hi = rng.uniform(0.0, 0.3), rng.uniform(0.6, 1.0)
+            img = lo + (hi - lo) * img
+        elif kind == 4:
+            img = _lines_scene(rng, n)
+        elif kind == 5:
+            img = _bright_objects(rng, n)
+        else:
+            ground = _dead_leaves(rng, n, rng.uniform(6, 12), rng.uniform(60, 200), False, rng.uniform(0.6, 1.0))
+            cloud = _power_field(rng, n, rng.uniform(1.8, 2.6))
+            sky = np.clip(0.55 + 0.45 * cloud[..., None] + rng.uniform(-0.1, 0.1, 3), 0, 1)
+            horizon = n * rng.uniform(0.3, 0.7) + 40 * (_power_field(rng, n, 2.5)[0] - 0.5)
+            m = (np.arange(n)[:, None] < horizon[None, :])[..., None]
+            img = np.where(m, sky, ground)
+        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
+        x = F.avg_pool2d(x[None], 2)[0].clamp(0, 1)
+        out.append((f"procedural:{i}", (x * 255).round() / 255))
     return out
 
 
@@ -81,6 +232,8 @@ class Sample:
     families: list[str] = field(default_factory=list)
     severity: dict[str, float] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    #: Families applied but not visible in this crop (:func:`visible_overlay`): labelled clean for training.
+    hidden: list[str] = field(default_factory=list)
 
     @property
     def quality(self) -> float:
@@ -100,14 +253,31 @@ def degrade_with(image: torch.Tensor, families: Sequence[str], seed: int,
     out = image
     sev: dict[str, float] = {}
     names = []
+    hidden = []
     for k, fam in enumerate(sorted(families, key=APPLY_ORDER.index)):
         pool = FAMILY_NAMES[fam]
         name = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        before = out
         out, info = random_degradation(out, derive_seed(seed, k, fam), names=[name])
         sev[fam] = max(sev.get(fam, 0.0), severity_of(name, info["params"]))
         names.append(name)
+        if fam in ("rain", "snow") and not visible_overlay(before, out):
+            hidden.append(fam)
         assert family_of(name) == fam
-    return Sample(out, list(sev), sev, names)
+    return Sample(out, list(sev), sev, names, hidden)
+
+
+#: A rain or snow overlay counts as visible when at least this share of the crop's pixels got brighter by
+#: more than :data:`VISIBLE_STEP` (about 25 px of a 128 px crop: a few flakes). Sparse flakes on a bright sky
+#: or streaks on a white wall change nothing a viewer (or the perceiver) can see.
+VISIBLE_SHARE = 0.0015
+VISIBLE_STEP = 0.1
+
+
+def visible_overlay(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether a brightening overlay (rain, snow) changed enough pixels enough to be seen."""
+    changed = ((after - before).amax(0) > VISIBLE_STEP).float().mean()
+    return bool(changed >= VISIBLE_SHARE)
 
 
 def _random_crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -175,6 +345,7 @@ def make_samples(photos: Sequence[tuple[str, torch.Tensor]], count: int, seed: i
 
 #: Below this severity a degradation is invisible at the perceiver's scale (e.g. snow of a few sub-pixel
 #: flakes, JPEG at quality >= 91): the training label says ``clean`` (the severity target keeps the value).
+#: Rain and snow overlays that :func:`visible_overlay` finds invisible in the crop are labelled the same way.
 PERCEPTIBLE = 0.1
 
 
@@ -187,7 +358,7 @@ def label_arrays(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
     q = np.zeros(len(samples), np.float32)
     for i, s in enumerate(samples):
         for f, v in s.severity.items():
-            lab[i, LABELS.index(f)] = 1.0 if v >= PERCEPTIBLE else 0.0
+            lab[i, LABELS.index(f)] = 1.0 if v >= PERCEPTIBLE and f not in s.hidden else 0.0
             sev[i, FAMILIES.index(f)] = v
         if not lab[i].any():
             lab[i, LABELS.index("clean")] = 1.0
