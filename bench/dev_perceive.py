@@ -1,0 +1,125 @@
+"""Development split for the built-in perceiver (decisions are made here, never on the benchmark).
+
+Trains the perceiver exactly like ``train_builtin`` (same crop count, sizes, epochs, ensemble) but
+on the training photos minus :data:`DEV_PHOTOS` (chelsea, motorcycle_right, brick, coins), then
+perceives degrade.py crops of those four dev photos (160..256 px, the benchmark's crop recipe, but
+none of its held-out photos and none of its independent degradation code). Writes per-image crop
+logits so post-hoc decisions (e.g. a ``clean`` logit offset) can be scored without retraining.
+
+    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--per-family 48] [--samples 36000]
+    python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vbridge_core.perceive.features import crop_features  # noqa: E402
+from vbridge_core.perceive.labels import LABELS  # noqa: E402
+from vbridge_core.perceive.model import grid_crops, prepare_image  # noqa: E402
+from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
+from vbridge_core.perceive.train import DEFAULT_SAMPLES, build_training_set, fit_ensemble  # noqa: E402
+
+DEV_PHOTOS = ("chelsea.png", "motorcycle_right.png", "brick.png", "coins.png")
+
+
+def dev_crop(photos, rng: np.random.Generator) -> torch.Tensor:
+    """Same recipe as the benchmark's held_out_crop (160..256 px, random scale, 8-bit)."""
+    import torch.nn.functional as F
+    _, p = photos[int(rng.integers(len(photos)))]
+    h, w = p.shape[-2:]
+    side = int(rng.integers(160, 257))
+    scale = rng.uniform(max(side / min(h, w), 0.4), 1.0)
+    if scale < 1.0:
+        p = F.interpolate(p[None], size=(max(side, round(h * scale)), max(side, round(w * scale))), mode="area")[0]
+    h, w = p.shape[-2:]
+    ch, cw = min(h, side), min(w, int(rng.integers(160, 257)))
+    t, l = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+    return (p[:, t:t + ch, l:l + cw].clamp(0, 1) * 255).round() / 255
+
+
+def dev_set(per_family: int, seed: int = 777):
+    photos = [(n, p) for n, p in clean_photos("train") if n in DEV_PHOTOS]
+    assert len(photos) == len(DEV_PHOTOS), [n for n, _ in photos]
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for lab in LABELS:
+        for i in range(per_family):
+            x = dev_crop(photos, rng)
+            if lab == "clean":
+                items.append((x, "clean"))
+            else:
+                items.append((degrade_with(x, [lab], seed * 100_003 + len(items), gen).image, lab))
+    return items
+
+
+AGGREGATIONS = {
+    "prob-mean": lambda lg: torch.sigmoid(lg).mean(0),          # what Perceiver.perceive does
+    "logit-mean": lambda lg: torch.sigmoid(lg.mean(0)),
+    "prob-median": lambda lg: torch.sigmoid(lg).median(0).values,
+}
+
+
+def score(path: str, aggregations=("prob-mean",)) -> None:
+    d = torch.load(path)
+    logits, labels = d["logits"], d["labels"]
+    ci, si = LABELS.index("clean"), LABELS.index("snow")
+    for agg in aggregations:
+        for off in [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]:
+            conf = np.zeros((len(LABELS), len(LABELS)), int)
+            for lg, lab in zip(logits, labels):
+                lg = lg.clone()
+                lg[:, ci] += off
+                pred = int(AGGREGATIONS[agg](lg).argmax())
+                conf[LABELS.index(lab), pred] += 1
+            acc = np.trace(conf) / conf.sum()
+            per = " ".join(f"{lab[:4]}={conf[i, i] / max(1, conf[i].sum()) * 100:.0f}" for i, lab in enumerate(LABELS))
+            print(f"{agg:11s} clean offset {off:+.2f}: acc {acc * 100:.1f}%  {per}  clean->snow {conf[ci, si]}"
+                  f" snow->clean {conf[si, ci]}")
+            if off == 0.0 and agg == "prob-mean":
+                print(conf)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--score")
+    ap.add_argument("--per-family", type=int, default=48)
+    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hard-clean", type=float, default=None, help="override synth.HARD_CLEAN")
+    a = ap.parse_args(argv)
+    if a.score:
+        score(a.score, tuple(AGGREGATIONS))
+        return 0
+    torch.set_num_threads(1)
+    if a.hard_clean is not None:
+        import vbridge_core.perceive.synth as synth
+        synth.HARD_CLEAN = a.hard_clean
+    t0 = time.perf_counter()
+    photos = [(n, p) for n, p in clean_photos("train") if n not in DEV_PHOTOS]
+    feats, targets = build_training_set(a.samples, a.seed, photos=photos)
+    t1 = time.perf_counter()
+    net = fit_ensemble(feats, targets, seed=a.seed)
+    t2 = time.perf_counter()
+    items = dev_set(a.per_family)
+    logits = []
+    with torch.no_grad():
+        for x, _ in items:
+            logits.append(net(crop_features(grid_crops(prepare_image(x))))[0])
+    torch.save({"logits": logits, "labels": [lab for _, lab in items], "state": net.state_dict()}, a.out)
+    print(f"data {t1 - t0:.0f}s fit {t2 - t1:.0f}s eval {time.perf_counter() - t2:.0f}s")
+    score(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
