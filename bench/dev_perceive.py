@@ -95,15 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--per-family", type=int, default=48)
     ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hard-clean", type=float, default=None, help="override synth.HARD_CLEAN")
     a = ap.parse_args(argv)
     if a.score:
         score(a.score, tuple(AGGREGATIONS))
         return 0
     torch.set_num_threads(1)
-    if a.hard_clean is not None:
-        import vbridge_core.perceive.synth as synth
-        synth.HARD_CLEAN = a.hard_clean
     t0 = time.perf_counter()
     photos = [(n, p) for n, p in clean_photos("train") if n not in DEV_PHOTOS]
     feats, targets = build_training_set(a.samples, a.seed, photos=photos)

@@ -261,3 +261,16 @@ def test_invisible_snow_is_labelled_clean_for_training():
                         Sample(torch.empty(0), ["snow"], {"snow": 0.5}, ["snow"], hidden=["snow"])])
     assert lab["labels"][0, LABELS.index("snow")] == 1 and lab["labels"][1, LABELS.index("clean")] == 1
     assert lab["severity"][1, FAMILIES.index("snow")] == pytest.approx(0.5)  # severity target kept
+
+
+def test_dev_split_uses_training_photos_only_and_is_deterministic():
+    import dev_perceive
+
+    from vbridge_core.perceive.synth import HELD_OUT_PHOTOS, SKIMAGE_PHOTOS
+
+    assert set(dev_perceive.DEV_PHOTOS) <= set(SKIMAGE_PHOTOS)
+    assert not set(dev_perceive.DEV_PHOTOS) & set(HELD_OUT_PHOTOS)  # decisions never see the benchmark's photos
+    a, b = dev_perceive.dev_set(1), dev_perceive.dev_set(1)
+    assert [lab for _, lab in a] == list(LABELS)
+    for (x, _), (y, _) in zip(a, b):
+        assert torch.equal(x, y) and 160 <= max(x.shape[-2:]) <= 256

@@ -339,41 +339,8 @@ def make_samples(photos: Sequence[tuple[str, torch.Tensor]], count: int, seed: i
         _, photo = photos[int(torch.randint(len(photos), (1,), generator=gen))]
         crop = _random_crop(photo, size, gen)
         fams = list(families) if families is not None else draw_families(gen, p_clean, p_mix)
-        if not fams and HARD_CLEAN > 0 and float(torch.rand(1, generator=gen)) < HARD_CLEAN:
-            crop = _hardest_clean(crop, photos, size, gen)
         out.append(degrade_with(crop, fams, int(seed) * 1_000_003 + i, gen))
     return out
-
-
-#: Share of the clean training crops chosen as the most snow-like of :data:`HARD_CANDIDATES` random crops
-#: (:func:`snow_likeness`: small bright spots and bright / dark boundaries), so the perceiver sees many
-#: clean highlights, bright sky over dark objects and stone textures.
-HARD_CLEAN = 0.0
-HARD_CANDIDATES = 4
-
-
-def snow_likeness(x: torch.Tensor) -> float:
-    """A cheap score of content that resembles snow [3, H, W]: share of bright pixels standing out of their
-    7 px neighbourhood, plus half the share of pixels near a strong bright / dark boundary."""
-    g = x.mean(0, keepdim=True)[None]
-    hp = g - F.avg_pool2d(g, 7, 1, 3, count_include_pad=False)
-    spots = ((hp > 0.12) & (g > 0.55)).float().mean()
-    rng_ = F.max_pool2d(g, 5, 1, 2) + F.max_pool2d(-g, 5, 1, 2)
-    edges = (rng_ > 0.5).float().mean()
-    return float(spots + 0.5 * edges)
-
-
-def _hardest_clean(crop: torch.Tensor, photos: Sequence[tuple[str, torch.Tensor]], size: int,
-                   gen: torch.Generator) -> torch.Tensor:
-    """The most :func:`snow_likeness` of ``crop`` and ``HARD_CANDIDATES - 1`` more random crops."""
-    best, score = crop, snow_likeness(crop)
-    for _ in range(HARD_CANDIDATES - 1):
-        _, photo = photos[int(torch.randint(len(photos), (1,), generator=gen))]
-        c = _random_crop(photo, size, gen)
-        s = snow_likeness(c)
-        if s > score:
-            best, score = c, s
-    return best
 
 
 #: Below this severity a degradation is invisible at the perceiver's scale (e.g. snow of a few sub-pixel
