@@ -69,7 +69,7 @@ AGGREGATIONS = {
 
 
 def score(path: str, aggregations=("prob-mean",)) -> None:
-    d = torch.load(path)
+    d = torch.load(path, weights_only=True)  # tensors, strings and lists only: no pickle code runs
     logits, labels = d["logits"], d["labels"]
     ci, si = LABELS.index("clean"), LABELS.index("snow")
     for agg in aggregations:
