@@ -6,7 +6,7 @@ perceives degrade.py crops of those four dev photos (160..256 px, the benchmark'
 none of its held-out photos and none of its independent degradation code). Writes per-image crop
 logits so post-hoc decisions (e.g. a ``clean`` logit offset) can be scored without retraining.
 
-    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--per-family 48] [--samples 36000]
+    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--per-family 48] [--samples 36000] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
 """
 from __future__ import annotations
@@ -95,7 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--per-family", type=int, default=48)
     ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="2000 training crops, 6 dev images per family (a quick check "
+                    "that the script runs; its numbers mean nothing)")
     a = ap.parse_args(argv)
+    if a.tiny:
+        a.samples, a.per_family = 2000, 6
     if a.score:
         score(a.score, tuple(AGGREGATIONS))
         return 0
