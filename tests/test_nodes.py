@@ -197,6 +197,18 @@ def test_restore_trajectory_outputs(model):
     assert torch.allclose(alone[0], restored[1], atol=1e-5)
 
 
+def test_restore_node_at_its_maximum_seed_wraps_modulo_2_to_the_64(model):
+    """Issue 9 item 7: the seed widget's maximum with a batch of 2 used to overflow; image 2 now uses seed 0."""
+    from nodes.restore_nodes import MAX_SEED
+
+    img = _images(2, 32, 32)
+    top, _, _ = _call("RestoreTrajectory", vbridge_model=model, image=img, frames=5, steps=2, seed=MAX_SEED,
+                      shift=5.0, solver="unipc", guidance=1.0)
+    zero, _, _ = _call("RestoreTrajectory", vbridge_model=model, image=img[1:], frames=5, steps=2, seed=0,
+                       shift=5.0, solver="unipc", guidance=1.0)
+    assert torch.allclose(top[1], zero[0], atol=1e-5)
+
+
 def test_restore_with_conditioning_and_guidance(model):
     img = _images(1, 32, 32, seed=1)
     base = dict(vbridge_model=model, image=img, frames=5, steps=2, seed=0, shift=5.0, solver="euler")
