@@ -184,6 +184,15 @@ def test_restoration_end_to_end(bare_model, pairs, models_root, monkeypatch):
     assert not any(p.requires_grad or p.is_inference() for p in bare_model.transformer.parameters())
 
 
+def test_train_node_at_its_maximum_seed(bare_model, pairs, models_root):
+    """Issue 9 item 7: the seed widget's maximum used to overflow the derived generators (seed + 7919, ...)."""
+    from nodes.train_nodes import MAX_SEED
+
+    path, _, _, info = _train(bare_model, pairs, "max_seed", seed=MAX_SEED, stages="32:1",
+                              settings=_settings(validation_fraction=0.0))
+    assert Path(path).is_file() and f"seed {MAX_SEED}" in info
+
+
 def test_missing_prompt_is_a_clear_error(bare_model, pairs):
     with pytest.raises(InputError, match="CLIPLoader.*wan|CLIPTextEncode"):
         _train(bare_model, pairs, "no_prompt", conditioning=None)
