@@ -31,18 +31,10 @@ DEV_PHOTOS = ("chelsea.png", "motorcycle_right.png", "brick.png", "coins.png")
 
 
 def dev_crop(photos, rng: np.random.Generator) -> torch.Tensor:
-    """Same recipe as the benchmark's held_out_crop (160..256 px, random scale, 8-bit)."""
-    import torch.nn.functional as F
-    _, p = photos[int(rng.integers(len(photos)))]
-    h, w = p.shape[-2:]
-    side = int(rng.integers(160, 257))
-    scale = rng.uniform(max(side / min(h, w), 0.4), 1.0)
-    if scale < 1.0:
-        p = F.interpolate(p[None], size=(max(side, round(h * scale)), max(side, round(w * scale))), mode="area")[0]
-    h, w = p.shape[-2:]
-    ch, cw = min(h, side), min(w, int(rng.integers(160, 257)))
-    t, l = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
-    return (p[:, t:t + ch, l:l + cw].clamp(0, 1) * 255).round() / 255
+    """The benchmark's own crop recipe (160..256 px, random scale, 8-bit), on the dev photos."""
+    from bench_perceive import held_out_crop
+
+    return held_out_crop(photos, rng)
 
 
 def dev_set(per_family: int, seed: int = 777):

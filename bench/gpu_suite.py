@@ -323,6 +323,16 @@ def recipe(suite: Suite, name: str) -> dict[str, Any]:
     return kw
 
 
+def fastest_recipe(suite: Suite) -> tuple[dict[str, Any], str]:
+    """``(sampler kwargs, note)`` of the fastest recipe available: turbo, else fast with 4 steps."""
+    try:
+        return recipe(suite, "turbo"), "turbo"
+    except NotAvailable:
+        kw = recipe(suite, "fast")
+        kw["steps"] = 4
+        return kw, "fast with 4 steps (no turbo preset)"
+
+
 def cache_kwargs(suite: Suite) -> dict[str, Any]:
     """The step-cache option of ``VBridgePipeline.run`` (diffusers first-block cache), if the pack has it."""
     accepted = inspect.signature(suite.pipeline().run).parameters
@@ -464,13 +474,7 @@ def swap_counter_target(suite: Suite, transformer):
 
 def offload_case(suite: Suite, case: Case) -> dict[str, Any]:
     """Model offload: both models live on the CPU, each moves to the GPU only while it works."""
-    try:
-        kw = recipe(suite, "turbo")
-        note = "turbo"
-    except NotAvailable:
-        kw = recipe(suite, "fast")
-        kw["steps"] = 4
-        note = "fast with 4 steps (no turbo preset)"
+    kw, note = fastest_recipe(suite)
     suite.transformer.to("cpu")
     suite.vae.to("cpu")
     free_memory(suite.device)
@@ -488,13 +492,7 @@ def low_vram_case(suite: Suite, case: Case) -> dict[str, Any]:
     """The small-card setting: fp8 weight storage + model offload + VAE tiling, on a copy of the DiT."""
     from vbridge_core.runtime import enable_fp8_storage
 
-    try:
-        kw = recipe(suite, "turbo")
-        note = "turbo"
-    except NotAvailable:
-        kw = recipe(suite, "fast")
-        kw["steps"] = 4
-        note = "fast with 4 steps (no turbo preset)"
+    kw, note = fastest_recipe(suite)
     suite.transformer.to("cpu")
     suite.vae.to("cpu")
     free_memory(suite.device)
@@ -516,13 +514,7 @@ def low_vram_case(suite: Suite, case: Case) -> dict[str, Any]:
 
 def big_tiled_case(suite: Suite, case: Case) -> dict[str, Any]:
     """The high-resolution restore (3840x2176) with diffusers' VAE tiling; one timed run, no warm-up."""
-    try:
-        kw = recipe(suite, "turbo")
-        note = "turbo"
-    except NotAvailable:
-        kw = recipe(suite, "fast")
-        kw["steps"] = 4
-        note = "fast with 4 steps (no turbo preset)"
+    kw, note = fastest_recipe(suite)
     h, w = suite.sizes.big
     tiles = dict(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_stride_height=48,
                  tile_sample_stride_width=48) if suite.tiny else {}

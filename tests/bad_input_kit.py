@@ -45,6 +45,26 @@ def assert_one_error(rc: int, err: str, *needles: str) -> None:
         assert n in lines[0], (n, lines[0])
 
 
+def write_train_files(root: Path, lora: bool = False) -> Path:
+    """Two 32 px LQ/HQ pairs under ``root/pairs``, a prompt embedding ``root/emb.safetensors`` and, with
+    ``lora``, a restoration LoRA ``root/r.safetensors``: what a cheap ``train`` command line needs."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vbridge_core.images import save_png
+    from vbridge_core.tiny import tiny_prompt_embeds
+
+    for i in range(2):
+        save_png(torch.rand(3, 32, 32), root / "pairs" / "hq" / f"p{i}.png")
+        save_png(torch.rand(3, 32, 32), root / "pairs" / "lq" / f"p{i}.png")
+    save_file({"prompt_embeds": tiny_prompt_embeds()}, str(root / "emb.safetensors"))
+    if lora:
+        from tiny_files import random_lora
+
+        random_lora(root / "r.safetensors", "restoration", 1)
+    return root
+
+
 class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

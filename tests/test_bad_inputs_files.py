@@ -21,7 +21,7 @@ from vbridge_core.outputs import OutputLog, clean_stale_temporaries, plan_output
 from vbridge_core.seeds import SEED_MODULUS, seeded_generator, wrap_seed
 from vbridge_core.tiny import tiny_prompt_embeds
 
-from bad_input_kit import assert_one_error, digest, run_cli
+from bad_input_kit import assert_one_error, digest, run_cli, write_train_files
 from tiny_files import random_lora
 
 
@@ -74,14 +74,7 @@ def test_output_plan_is_case_insensitive_and_counts_trajectory_folders():
 # ---------------------------------------------------------------------------------- item 4
 @pytest.fixture
 def train_files(tmp_path):
-    from safetensors.torch import save_file
-
-    for i in range(2):
-        save_png(torch.rand(3, 32, 32), tmp_path / "pairs" / "hq" / f"p{i}.png")
-        save_png(torch.rand(3, 32, 32), tmp_path / "pairs" / "lq" / f"p{i}.png")
-    save_file({"prompt_embeds": tiny_prompt_embeds()}, str(tmp_path / "emb.safetensors"))
-    random_lora(tmp_path / "r.safetensors", "restoration", 1)
-    return tmp_path
+    return write_train_files(tmp_path, lora=True)
 
 
 def _train(root: Path, out: Path, *extra) -> list:

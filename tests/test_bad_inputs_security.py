@@ -19,7 +19,7 @@ from vbridge_core.training import state_file
 from vbridge_core.training.checkpoint import checkpoint_dir, find_resume, load_checkpoint
 from vbridge_core.training.trainer import train_lora
 
-from bad_input_kit import assert_one_error, digest, plant_pickle, plant_raw_pickle, run_cli
+from bad_input_kit import assert_one_error, digest, plant_pickle, plant_raw_pickle, run_cli, write_train_files
 from test_training import _fast, _pairs, _pipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +35,7 @@ def test_planted_payload_is_live(tmp_path):
 
 @pytest.fixture
 def cli_files(tmp_path):
-    from safetensors.torch import save_file
-
-    from vbridge_core.images import save_png
-
-    for i in range(2):
-        save_png(torch.rand(3, 32, 32), tmp_path / "pairs" / "hq" / f"p{i}.png")
-        save_png(torch.rand(3, 32, 32), tmp_path / "pairs" / "lq" / f"p{i}.png")
-    save_file({"prompt_embeds": tiny_prompt_embeds()}, str(tmp_path / "emb.safetensors"))
-    return tmp_path
+    return write_train_files(tmp_path)
 
 
 def _train_argv(root: Path, *extra: str) -> list[str]:

@@ -19,13 +19,14 @@ says which are complete and which are not.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from .errors import InputError, OutputError
 
@@ -228,8 +229,15 @@ class OutputLog:
     out: Path
     written: list[str] = field(default_factory=list)
 
-    def item(self, name: str) -> "_Item":
-        return _Item(self, name)
+    @contextlib.contextmanager
+    def item(self, name: str) -> Iterator[None]:
+        """Record ``name`` as written when the block succeeds; turn a write failure into the batch message."""
+        try:
+            yield
+        except (OSError, OutputError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise OutputError(f"{reason}. {self.summary(name)}") from None
+        self.written.append(name)
 
     def summary(self, failed: str) -> str:
         rest = [n for n in self.planned if n not in self.written]
@@ -239,19 +247,3 @@ class OutputLog:
                 f"{' (' + shown + ')' if self.written else ''}; not written: {missing} "
                 f"(failed at {failed})")
 
-
-class _Item:
-    def __init__(self, log: OutputLog, name: str) -> None:
-        self.log, self.name = log, name
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et, ev, tb) -> bool:
-        if et is None:
-            self.log.written.append(self.name)
-            return False
-        if issubclass(et, (OSError, OutputError)):
-            reason = ev.strerror if isinstance(ev, OSError) and ev.strerror else str(ev)
-            raise OutputError(f"{reason}. {self.log.summary(self.name)}") from None
-        return False
