@@ -1,12 +1,15 @@
 """Development split for the built-in perceiver (decisions are made here, never on the benchmark).
 
 Trains the perceiver exactly like ``train_builtin`` (same crop count, sizes, epochs, ensemble) but
-on the training photos minus :data:`DEV_PHOTOS` (chelsea, motorcycle_right, brick, coins), then
-perceives degrade.py crops of those four dev photos (160..256 px, the benchmark's crop recipe, but
+on the training photos minus a development split (:data:`DEV_SPLITS`; ``photos``: chelsea,
+motorcycle_right, brick, coins; ``textures``: grass, coins, moon, astronaut), then perceives degrade.py
+crops of those four dev photos (160..256 px, the benchmark's crop recipe, but
 none of its held-out photos and none of its independent degradation code). Writes per-image crop
-logits so post-hoc decisions (e.g. a ``clean`` logit offset) can be scored without retraining.
+logits (and the snow probe's verdict) so post-hoc decisions (e.g. a ``clean`` logit offset) can be scored
+without retraining.
 
-    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--per-family 48] [--samples 36000] [--tiny]
+    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures] [--per-family 48]
+        [--samples 36000] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
 """
 from __future__ import annotations
@@ -23,11 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vbridge_core.perceive.features import crop_features  # noqa: E402
 from vbridge_core.perceive.labels import LABELS  # noqa: E402
-from vbridge_core.perceive.model import grid_crops, prepare_image  # noqa: E402
+from vbridge_core.perceive.model import (grid_crops, order_snow_clean, prepare_image,  # noqa: E402
+                                         snow_or_clean_first)
 from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
-from vbridge_core.perceive.train import DEFAULT_SAMPLES, build_training_set, fit_ensemble  # noqa: E402
+from vbridge_core.perceive.train import (DEFAULT_SAMPLES, PROBE_EPOCHS, build_training_set,  # noqa: E402
+                                         fit_ensemble, fit_snow_probe)
 
-DEV_PHOTOS = ("chelsea.png", "motorcycle_right.png", "brick.png", "coins.png")
+#: Development splits: training photos left out of a development run and perceived instead. ``photos``
+#: (the first one) is mostly everyday content; ``textures`` is fine bright texture (grass blades, coins,
+#: craters) where clean crops get called ``snow``, the failure the benchmark shows on its held-out photos.
+DEV_SPLITS: dict[str, tuple[str, ...]] = {
+    "photos": ("chelsea.png", "motorcycle_right.png", "brick.png", "coins.png"),
+    "textures": ("grass.png", "coins.png", "moon.png", "astronaut.png"),
+}
+DEV_PHOTOS = DEV_SPLITS["photos"]
 
 
 def dev_crop(photos, rng: np.random.Generator) -> torch.Tensor:
@@ -37,9 +49,11 @@ def dev_crop(photos, rng: np.random.Generator) -> torch.Tensor:
     return held_out_crop(photos, rng)
 
 
-def dev_set(per_family: int, seed: int = 777):
-    photos = [(n, p) for n, p in clean_photos("train") if n in DEV_PHOTOS]
-    assert len(photos) == len(DEV_PHOTOS), [n for n, _ in photos]
+def dev_set(per_family: int, seed: int = 777, split: str = "photos"):
+    """degrade.py crops of the split's photos: ``per_family`` per label, as (image, label) pairs."""
+    names = DEV_SPLITS[split]
+    photos = [(n, p) for n, p in clean_photos("train") if n in names]
+    assert len(photos) == len(names), [n for n, _ in photos]
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     items = []
@@ -60,17 +74,25 @@ AGGREGATIONS = {
 }
 
 
+def arbitrate(probs: torch.Tensor, probe: float | None) -> torch.Tensor:
+    """What ``Perceiver.arbitrate`` does, from a stored probe probability (None: no probe)."""
+    if probe is None or not snow_or_clean_first(probs):
+        return probs
+    return order_snow_clean(probs, probe)
+
+
 def score(path: str, aggregations=("prob-mean",)) -> None:
     d = torch.load(path, weights_only=True)  # tensors, strings and lists only: no pickle code runs
     logits, labels = d["logits"], d["labels"]
+    probes = d.get("probe") or [None] * len(labels)
     ci, si = LABELS.index("clean"), LABELS.index("snow")
     for agg in aggregations:
         for off in [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]:
             conf = np.zeros((len(LABELS), len(LABELS)), int)
-            for lg, lab in zip(logits, labels):
+            for lg, lab, pr in zip(logits, labels, probes):
                 lg = lg.clone()
                 lg[:, ci] += off
-                pred = int(AGGREGATIONS[agg](lg).argmax())
+                pred = int(arbitrate(AGGREGATIONS[agg](lg), pr).argmax())
                 conf[LABELS.index(lab), pred] += 1
             acc = np.trace(conf) / conf.sum()
             per = " ".join(f"{lab[:4]}={conf[i, i] / max(1, conf[i].sum()) * 100:.0f}" for i, lab in enumerate(LABELS))
@@ -87,27 +109,35 @@ def main(argv=None) -> int:
     ap.add_argument("--per-family", type=int, default=48)
     ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="snow probe passes (0: no probe)")
+    ap.add_argument("--split", choices=sorted(DEV_SPLITS), default="photos",
+                    help="which training photos are held back and perceived (see DEV_SPLITS)")
     ap.add_argument("--tiny", action="store_true", help="2000 training crops, 6 dev images per family (a quick check "
                     "that the script runs; its numbers mean nothing)")
     a = ap.parse_args(argv)
     if a.tiny:
-        a.samples, a.per_family = 2000, 6
+        a.samples, a.per_family, a.probe_epochs = 2000, 6, 1
     if a.score:
         score(a.score, tuple(AGGREGATIONS))
         return 0
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    photos = [(n, p) for n, p in clean_photos("train") if n not in DEV_PHOTOS]
-    feats, targets = build_training_set(a.samples, a.seed, photos=photos)
+    photos = [(n, p) for n, p in clean_photos("train") if n not in DEV_SPLITS[a.split]]
+    crops: list | None = [] if a.probe_epochs else None
+    feats, targets = build_training_set(a.samples, a.seed, photos=photos, crops=crops)
     t1 = time.perf_counter()
     net = fit_ensemble(feats, targets, seed=a.seed)
+    probe = fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs) if crops is not None else None
     t2 = time.perf_counter()
-    items = dev_set(a.per_family)
-    logits = []
+    items = dev_set(a.per_family, split=a.split)
+    logits, probes = [], []
     with torch.no_grad():
         for x, _ in items:
-            logits.append(net(crop_features(grid_crops(prepare_image(x))))[0])
-    torch.save({"logits": logits, "labels": [lab for _, lab in items], "state": net.state_dict()}, a.out)
+            c = grid_crops(prepare_image(x))
+            logits.append(net(crop_features(c))[0])
+            probes.append(float(torch.sigmoid(probe(c)).mean()) if probe is not None else None)
+    torch.save({"logits": logits, "labels": [lab for _, lab in items], "state": net.state_dict(),
+                **({"probe": probes} if probe is not None else {})}, a.out)
     print(f"data {t1 - t0:.0f}s fit {t2 - t1:.0f}s eval {time.perf_counter() - t2:.0f}s")
     score(a.out)
     return 0

@@ -54,6 +54,62 @@ def test_shipped_perceiver_is_small_and_loads():
     assert BUILTIN_PATH.is_file() and BUILTIN_PATH.stat().st_size <= 5 * 1024 * 1024
     p = Perceiver.builtin()
     assert p.info.get("samples", 0) >= 1000  # the shipped file was trained by train_builtin on real crops
+    assert p.probe is not None and p.info.get("snow_probe_epochs", 0) >= 1
+
+
+def _with_probe_bias(p: Perceiver, bias: float) -> Perceiver:
+    import copy
+
+    probe = copy.deepcopy(p.probe)
+    with torch.no_grad():
+        probe.head.weight.zero_()
+        probe.head.bias.fill_(bias)
+    return Perceiver(p.net, p.info, probe)
+
+
+def test_snow_probe_orders_snow_and_clean_only(photo):
+    from vbridge_core.degrade import degrade
+
+    p = Perceiver.builtin()
+    clean = photo[:, :128, :128]
+    base = p.perceive([clean])[0]
+    assert base.degradation in ("clean", "snow")
+    snowy, plain = _with_probe_bias(p, 20.0), _with_probe_bias(p, -20.0)
+    a, b = snowy.perceive([clean])[0], plain.perceive([clean])[0]
+    assert (a.degradation, b.degradation) == ("snow", "clean")
+    pair = sorted([base.scores["snow"], base.scores["clean"]])
+    assert sorted([a.scores["snow"], a.scores["clean"]]) == pytest.approx(pair)  # the values stay, the order follows
+    assert a.scores["snow"] >= a.scores["clean"] and b.scores["clean"] >= b.scores["snow"]
+    noisy = degrade(clean, "gaussian_noise", seed=0, sigma=50 / 255)
+    assert snowy.perceive([noisy])[0].degradation == plain.perceive([noisy])[0].degradation == "noise"
+
+
+def test_shipped_snow_probe_tells_flakes_from_the_clean_photo(photo):
+    from vbridge_core.degrade import snow
+
+    probe = Perceiver.builtin().probe
+    clean = photo[:, :128, :128]
+    snowy = snow(clean, seed=3, density=0.004, flake_size=3.0, opacity=0.9)
+    with torch.no_grad():
+        p_clean, p_snow = torch.sigmoid(probe(torch.stack([clean, snowy]))).tolist()
+    assert p_clean < 0.5 < p_snow
+
+
+def test_snow_probe_sees_detail_not_brightness():
+    from vbridge_core.perceive.model import SnowProbe
+
+    torch.manual_seed(0)
+    probe = SnowProbe().eval()
+    ramp = torch.linspace(0.2, 0.6, 80).expand(2, 3, 64, 80)
+    x = ramp + 0.05 * torch.rand(2, 3, 64, 80)
+    flakes = x.clone()
+    for cy, cx in ((10, 20), (30, 50), (50, 12)):
+        flakes[:, :, cy:cy + 2, cx:cx + 2] = 1.0
+    with torch.no_grad():
+        a, b, c = probe(x), probe(x + 0.1), probe(flakes)
+    assert a.shape == (2,)
+    assert torch.allclose(a, b, atol=1e-5)  # a brighter exposure of the same scene looks the same to it
+    assert (a - c).abs().min() > 1e-4  # a few small bright spots do (untrained weights: a small change)
 
 
 def test_clean_and_degraded_photo(photo):
@@ -123,12 +179,21 @@ def test_cli_perceive_errors(tmp_path, capsys):
 
 def test_train_perceiver_builtin_small_run(tmp_path):
     out = tmp_path / "p.safetensors"
-    assert main(["train-perceiver", "--out", str(out), "--samples", "200", "--epochs", "3", "--seed", "1"]) == 0
+    assert main(["train-perceiver", "--out", str(out), "--samples", "600", "--epochs", "3", "--seed", "1",
+                 "--probe-epochs", "1"]) == 0
     p = Perceiver.load(out)
-    assert p.info["samples"] == 200 and p.info["seed"] == 1
-    reps = p.perceive([torch.rand(3, 64, 64)])
-    assert isinstance(reps[0], PerceptionReport)
+    assert p.info["samples"] == 600 and p.info["seed"] == 1
+    assert p.probe is not None and p.info["snow_probe_epochs"] == 1
+    reps = p.perceive([torch.rand(3, 64, 64), torch.rand(3, 300, 200)])  # crops of 64 and 128 px
+    assert isinstance(reps[0], PerceptionReport) and len(reps) == 2
+    stats_only = tmp_path / "s.safetensors"
+    assert main(["train-perceiver", "--out", str(stats_only), "--samples", "200", "--epochs", "2",
+                 "--probe-epochs", "0"]) == 0
+    s = Perceiver.load(stats_only)
+    assert s.probe is None and s.info["snow_probe_epochs"] == 0
+    assert s.perceive([torch.rand(3, 64, 64)])[0].degradation in LABELS
     assert main(["train-perceiver", "--out", str(out), "--samples", "10"]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--probe-epochs", "-1"]) == 2
 
 
 def _feat(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -248,6 +313,9 @@ def test_loader_refuses_weights_that_do_not_match_the_metadata(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=dict(meta, members="9"))
     with pytest.raises(ModelFileError, match="does not hold the weights"):
         Perceiver.load(tmp_path / "bad.safetensors")
+    save_file(state, str(tmp_path / "probe.safetensors"), metadata=dict(meta, probe_width="[8, 8, 8]"))
+    with pytest.raises(ModelFileError, match="does not hold the weights"):
+        Perceiver.load(tmp_path / "probe.safetensors")
 
 
 def test_invisible_snow_is_labelled_clean_for_training():
@@ -268,9 +336,10 @@ def test_dev_split_uses_training_photos_only_and_is_deterministic():
 
     from vbridge_core.perceive.synth import HELD_OUT_PHOTOS, SKIMAGE_PHOTOS
 
-    assert set(dev_perceive.DEV_PHOTOS) <= set(SKIMAGE_PHOTOS)
-    assert not set(dev_perceive.DEV_PHOTOS) & set(HELD_OUT_PHOTOS)  # decisions never see the benchmark's photos
-    a, b = dev_perceive.dev_set(1), dev_perceive.dev_set(1)
+    for split, names in dev_perceive.DEV_SPLITS.items():
+        assert set(names) <= set(SKIMAGE_PHOTOS), split
+        assert not set(names) & set(HELD_OUT_PHOTOS), split  # decisions never see the benchmark's photos
+    a, b = dev_perceive.dev_set(1, split="textures"), dev_perceive.dev_set(1, split="textures")
     assert [lab for _, lab in a] == list(LABELS)
     for (x, _), (y, _) in zip(a, b):
         assert torch.equal(x, y) and 160 <= max(x.shape[-2:]) <= 256

@@ -1,11 +1,13 @@
-"""The built-in perceiver: hand-crafted statistics -> a small MLP ensemble -> labels, severities, quality.
+"""The built-in perceiver: hand-crafted statistics -> a small MLP ensemble (+ a snow probe) -> labels, severities, quality.
 
 :class:`PerceiverNet` is the network (feature standardisation, then an average of a few MLPs with two
 hidden layers and three heads each: 8 label logits (multi-label, sigmoid), 7 severities (sigmoid, 0
 where a family is absent) and the quality score (sigmoid)). :class:`Perceiver` runs it on whole images of any size: the image is
 checked (finite values, 1/3/4 channels, at least :data:`MIN_SIDE` px), a copy of a huge image is
 downscaled to :data:`MAX_SIDE` on its long side, up to 3 x 3 crops of :data:`CROP` px are taken at
-native scale on an even grid, and their outputs are averaged. The weights ship in the package as
+native scale on an even grid, and their outputs are averaged. When the averaged top label is ``snow`` or
+``clean``, a small conv net on the crops' pixels (:class:`SnowProbe`) decides which of the two comes
+first (the statistics confuse a few soft flakes with fine bright texture). The weights ship in the package as
 ``perceiver.safetensors`` (written by ``python -m vbridge_core train-perceiver``).
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ MAX_SIDE = 2048
 #: At most this many crops per axis.
 GRID = 3
 FORMAT = "vbridge-perceiver-mlp"
+#: Channels of the snow probe's convolutions.
+PROBE_WIDTH: tuple[int, int, int] = (24, 48, 48)
 
 
 class _Member(nn.Module):
@@ -54,6 +58,33 @@ class _Member(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.body(z)
         return self.labels(h), torch.sigmoid(self.severity(h)), torch.sigmoid(self.quality(h))[:, 0]
+
+
+class SnowProbe(nn.Module):
+    """A small conv net that tells snow from clean on a crop's pixels -> one logit per crop.
+
+    The statistics summarise away the *shape* of small bright spots, so they confuse a few soft flakes
+    on a photo with fine bright texture (grass blades, coins, gravel). The probe sees the crop minus its
+    7 x 7 local mean (the detail layer, where flakes and grain live, free of the scene's brightness),
+    through four 3 x 3 convolutions with batch norm (the first three at stride 2; every pixel is still
+    seen), then the mean and the max of each channel over the crop (the max keeps a few isolated flakes
+    from being averaged away). It is trained on crops that are clean or carry snow alone, and is asked
+    only when the MLPs' top label is ``snow`` or ``clean`` (:meth:`Perceiver.perceive`)."""
+
+    def __init__(self, width: Sequence[int] = PROBE_WIDTH) -> None:
+        super().__init__()
+        c1, c2, c3 = (int(w) for w in width)
+        layers: list[nn.Module] = []
+        for cin, cout, stride in ((3, c1, 2), (c1, c2, 2), (c2, c3, 2), (c3, c3, 1)):
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.GELU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * c3, 1)
+        self.width = (c1, c2, c3)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        detail = crops - F.avg_pool2d(crops, 7, 1, 3, count_include_pad=False)
+        h = self.body(4.0 * detail)
+        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))[:, 0]
 
 
 class PerceiverNet(nn.Module):
@@ -116,6 +147,21 @@ class PerceptionReport:
         return sorted(fams, key=lambda f: -self.scores[f])
 
 
+def snow_or_clean_first(probs: torch.Tensor) -> bool:
+    """Whether ``snow`` or ``clean`` has the highest of the 8 label probabilities."""
+    return LABELS[int(probs.argmax())] in ("snow", "clean")
+
+
+def order_snow_clean(probs: torch.Tensor, p_snow: float) -> torch.Tensor:
+    """``probs`` with the ``snow`` and ``clean`` values swapped if needed so that snow is the larger of
+    the two exactly when the probe's ``p_snow`` > 0.5."""
+    si, ci = LABELS.index("snow"), LABELS.index("clean")
+    hi, lo = max(probs[si], probs[ci]), min(probs[si], probs[ci])
+    out = probs.clone()
+    out[si], out[ci] = (hi, lo) if p_snow > 0.5 else (lo, hi)
+    return out
+
+
 def report_from_outputs(file: str, probs: torch.Tensor, severity: torch.Tensor, quality: float) -> PerceptionReport:
     """Build a report from averaged outputs: ``probs`` [8], ``severity`` [7], ``quality`` in 0..1."""
     scores = {lab: float(p) for lab, p in zip(LABELS, probs)}
@@ -173,9 +219,11 @@ class Perceiver:
 
     _cache: dict[str, "Perceiver"] = {}
 
-    def __init__(self, net: PerceiverNet, info: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, net: PerceiverNet, info: Optional[dict[str, Any]] = None,
+                 probe: Optional[SnowProbe] = None) -> None:
         self.net = net.eval()
         self.info = info or {}
+        self.probe = probe.eval() if probe is not None else None
 
     # ------------------------------------------------------------------ files
     @classmethod
@@ -207,12 +255,17 @@ class Perceiver:
                                  "features); retrain it with this version (`python -m vbridge_core train-perceiver "
                                  "--out FILE`) or use the shipped perceiver")
         net = PerceiverNet(len(FEATURE_NAMES), int(meta.get("hidden", 128)), members=int(meta.get("members", 1)))
+        probe = None
+        probe_state = {k[len("probe."):]: v for k, v in state.items() if k.startswith("probe.")}
         try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
+            if meta.get("snow_probe") == "1":
+                probe = SnowProbe(json.loads(meta.get("probe_width", json.dumps(list(PROBE_WIDTH)))))
+                probe.load_state_dict(probe_state)
+            net.load_state_dict({k: v for k, v in state.items() if not k.startswith("probe.")})
+        except (RuntimeError, ValueError, TypeError) as e:
             raise ModelFileError(f"{p} does not hold the weights its metadata describes ({e}); retrain it with "
                                  "`python -m vbridge_core train-perceiver`") from None
-        return cls(net, json.loads(meta.get("info", "{}")))
+        return cls(net, json.loads(meta.get("info", "{}")), probe)
 
     @classmethod
     def builtin(cls) -> "Perceiver":
@@ -229,7 +282,11 @@ class Perceiver:
         meta = {"format": FORMAT, "features": json.dumps(list(FEATURE_NAMES)), "feature_version": str(FEATURE_VERSION),
                 "labels": json.dumps(list(LABELS)),
                 "hidden": str(self.net.hidden), "members": str(len(self.net.members)), "info": json.dumps(self.info)}
-        return save_safetensors_atomic(self.net.state_dict(), path, metadata=meta)
+        state = dict(self.net.state_dict())
+        if self.probe is not None:
+            meta.update(snow_probe="1", probe_width=json.dumps(list(self.probe.width)))
+            state.update({f"probe.{k}": v for k, v in self.probe.state_dict().items()})
+        return save_safetensors_atomic(state, path, metadata=meta)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -250,8 +307,22 @@ class Perceiver:
             x = prepare_image(img, name)
             crops = grid_crops(x)
             probs, sev, q = self.outputs(crop_features(crops))
-            reports.append(report_from_outputs(name, probs.mean(0), sev.mean(0), float(q.mean())))
+            probs = probs.mean(0)
+            if self.probe is not None:
+                probs = self.arbitrate(probs, crops)
+            reports.append(report_from_outputs(name, probs, sev.mean(0), float(q.mean())))
         return reports
+
+    @torch.no_grad()
+    def arbitrate(self, probs: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """Let the snow probe order ``snow`` and ``clean`` when the MLPs rank one of them first.
+
+        The two scores keep their values but swap places if the probe (mean probability over the crops)
+        disagrees: snow first when it says > 0.5, clean first otherwise. Other verdicts stand (the probe
+        never saw noise, blur, ...)."""
+        if not snow_or_clean_first(probs):
+            return probs
+        return order_snow_clean(probs, float(torch.sigmoid(self.probe(crops)).mean()))  # type: ignore[misc]
 
 
 def perceive(images: Iterable[torch.Tensor] | torch.Tensor, names: Optional[Sequence[str]] = None,

@@ -2,13 +2,15 @@
 
 Steps: draw degraded crops from the training photos (:mod:`.synth`), compute their statistics
 (:mod:`.features`), fit :data:`MEMBERS` MLPs from different seeds with binary cross-entropy on the labels
-plus squared errors on severity and quality, average them in one :class:`.model.PerceiverNet`, and write
-the safetensors file. The shipped ``perceiver.safetensors`` comes from ``train_builtin(seed=0)`` with the
-defaults (36000 crops, about 6.5 minutes of one CPU core).
+plus squared errors on severity and quality, average them in one :class:`.model.PerceiverNet`, fit the
+snow probe (:func:`fit_snow_probe`) on the crops that are clean or carry snow alone, and write the
+safetensors file. The shipped ``perceiver.safetensors`` comes from ``train_builtin(seed=0)`` with the
+defaults (36000 crops; TIME).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -19,8 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .features import FEATURE_VERSION, crop_features
-from .labels import FAMILIES
-from .model import PerceiverNet, Perceiver
+from .labels import FAMILIES, LABELS
+from .model import CROP, Perceiver, PerceiverNet, SnowProbe
 from .synth import Sample, clean_photos, label_arrays, make_samples
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,18 @@ def sample_features(samples: Sequence[Sample], batch: int = 64) -> torch.Tensor:
     return torch.stack(out)  # type: ignore[arg-type]
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A crop in 0..1 as 8-bit (how training crops are kept in memory for the snow probe)."""
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def build_training_set(count: int, seed: int, photos: Optional[list] = None,
-                       progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """``count`` degraded crops from the training photos -> (features [N, D], targets)."""
+                       progress: Optional[Callable[[int, int], None]] = None,
+                       crops: Optional[list] = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """``count`` degraded crops from the training photos -> (features [N, D], targets).
+
+    With a list as ``crops``, the crops themselves are appended to it as 8-bit [3, S, S] tensors (in
+    sample order), for :func:`fit_snow_probe`."""
     photos = photos if photos is not None else clean_photos("train")
     per = max(1, count // len(TRAIN_SIZES))
     feats, samples_all = [], []
@@ -60,6 +71,8 @@ def build_training_set(count: int, seed: int, photos: Optional[list] = None,
             m = min(256, n - done)
             samples = make_samples(photos, m, seed=seed * 7919 + k * 104729 + done, size=size)
             feats.append(sample_features(samples))
+            if crops is not None:
+                crops += [to_uint8(s.image) for s in samples]
             samples_all += [Sample(torch.empty(0), s.families, s.severity, s.names, s.hidden) for s in samples]
             done += m
             if progress is not None:
@@ -112,26 +125,92 @@ def fit_ensemble(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int 
     return PerceiverNet.combine(nets).eval()
 
 
+#: Passes of the snow probe over its training crops (the 128 px ones that are clean or carry snow alone).
+PROBE_EPOCHS = 8
+
+
+def conv_threads() -> int:
+    """CPU threads for the snow probe's convolutions: every core this process may use, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray], seed: int = 0,
+                   epochs: int = PROBE_EPOCHS, batch: int = 64, lr: float = 2e-3) -> Optional[SnowProbe]:
+    """Fit a :class:`SnowProbe` on the 128 px training crops labelled ``snow`` alone (1) or ``clean`` (0).
+
+    Deterministic for a seed; every other batch is mirrored left-right. Returns None when the set holds
+    no crop of one of the two kinds (a tiny training run)."""
+    lab = targets["labels"]
+    si, ci = LABELS.index("snow"), LABELS.index("clean")
+    idx = [i for i, c in enumerate(crops) if c.shape[-1] == CROP and lab[i].sum() == 1 and (lab[i, si] or lab[i, ci])]
+    y = torch.tensor([float(lab[i, si]) for i in idx])
+    if len(idx) < 2 or y.min() == y.max():
+        logger.warning("no snow probe: the training set has %d crops of snow alone and %d clean ones at %d px",
+                       int(y.sum()), int(len(y) - y.sum()), CROP)
+        return None
+    x_all = torch.stack([crops[i] for i in idx])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(conv_threads())  # the convolutions gain from every core, unlike the small MLPs
+    try:
+        torch.manual_seed(seed)
+        probe = SnowProbe()
+        opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+        gen = torch.Generator().manual_seed(seed)
+        steps = max(1, epochs * len(idx) // batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        probe.train()
+        for step in range(steps):
+            j = torch.randint(len(idx), (batch,), generator=gen)
+            x = x_all[j].float() / 255.0
+            if step % 2:
+                x = x.flip(-1)
+            loss = F.binary_cross_entropy_with_logits(probe(x), y[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if (step + 1) % max(1, steps // 5) == 0:
+                logger.info("snow probe step %d/%d loss %.4f", step + 1, steps, float(loss.detach()))
+    finally:
+        torch.set_num_threads(threads)
+    return probe.eval()
+
+
 def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, epochs: int = 120,
-                  threads: Optional[int] = None, members: int = MEMBERS) -> tuple[Perceiver, dict[str, Any]]:
-    """Train the built-in perceiver on degraded crops of the training photos and write it to ``out``."""
+                  threads: Optional[int] = None, members: int = MEMBERS,
+                  probe_epochs: int = PROBE_EPOCHS) -> tuple[Perceiver, dict[str, Any]]:
+    """Train the built-in perceiver on degraded crops of the training photos and write it to ``out``.
+
+    ``probe_epochs`` = 0 leaves the snow probe out (statistics only)."""
     if count < 200:
         raise InputError(f"--samples must be at least 200 for a usable perceiver, got {count}")
+    if probe_epochs < 0:
+        raise InputError(f"--probe-epochs must be >= 0 (0 = no snow probe), got {probe_epochs}")
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
-    feats, targets = build_training_set(count, seed, progress=lambda d, n: logger.info("samples %d/%d", d, n))
+    crops: Optional[list] = [] if probe_epochs else None
+    feats, targets = build_training_set(count, seed, progress=lambda d, n: logger.info("samples %d/%d", d, n),
+                                        crops=crops)
     t1 = time.perf_counter()
     net = fit_ensemble(feats, targets, seed=seed, members=members, epochs=epochs)
+    t2 = time.perf_counter()
+    probe = fit_snow_probe(crops, targets, seed=seed, epochs=probe_epochs) if crops is not None else None
     with torch.no_grad():
         pred = torch.sigmoid(net(feats)[0]).numpy()
     top_true = np.where(targets["labels"][:, :len(FAMILIES)].sum(1) == 0, len(FAMILIES),
                         np.argmax(targets["severity"] * targets["labels"][:, :len(FAMILIES)], 1))
     info = {"seed": seed, "samples": count, "epochs": epochs, "members": members, "train_top1": float((pred.argmax(1) == top_true).mean()),
-            "seconds_data": round(t1 - t0, 1), "seconds_fit": round(time.perf_counter() - t1, 1),
+            "snow_probe_epochs": probe_epochs if probe is not None else 0,
+            "seconds_data": round(t1 - t0, 1), "seconds_fit": round(t2 - t1, 1),
+            "seconds_probe": round(time.perf_counter() - t2, 1),
             "photos": "scikit-image bundled photos (train split) + vbridge_core/assets/samples + procedural scenes",
             "feature_version": FEATURE_VERSION}
-    perc = Perceiver(net, info)
+    perc = Perceiver(net, info, probe)
     perc.save(out)
     logger.info("wrote perceiver %s (%s)", out, info)
     return perc, info
