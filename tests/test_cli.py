@@ -127,7 +127,10 @@ def test_cancel_leaves_no_output(tmp_path, tiny_model_dir, inputs, loras):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "vbridge_core", "restore", str(inputs / "a.png"), "--out", str(out),
                              "--model", str(tiny_model_dir), "--lora", str(loras[0]), "--steps", "5000"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),
+                            # a test run started in the background (nohup ... &) has SIGINT ignored, and Python
+                            # then never raises KeyboardInterrupt: give the child the default, as a terminal would
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None)
     deadline = time.time() + 120
     for line in proc.stderr:
         if "restore: step" in line:
