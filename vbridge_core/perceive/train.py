@@ -102,13 +102,18 @@ def fit_net(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int = 0, 
         logits, s, qq = net(feats[i])
         loss = F.binary_cross_entropy_with_logits(logits, lab[i]) + 2.0 * F.mse_loss(s, sev[i]) \
             + 2.0 * F.mse_loss(qq, q[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            logger.info("perceiver fit step %d/%d loss %.4f", step + 1, steps, float(loss.detach()))
+        _update(opt, sched, loss, step, steps, "perceiver fit")
     return net.eval()
+
+
+def _update(opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor, step: int, steps: int, what: str) -> None:
+    """One optimiser and schedule step on ``loss``, logged five times per run."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    if (step + 1) % max(1, steps // 5) == 0:
+        logger.info("%s step %d/%d loss %.4f", what, step + 1, steps, float(loss.detach()))
 
 
 #: MLPs in the shipped ensemble (each fitted from its own seed on the same features).
@@ -169,12 +174,7 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
             if step % 2:
                 x = x.flip(-1)
             loss = F.binary_cross_entropy_with_logits(probe(x), y[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if (step + 1) % max(1, steps // 5) == 0:
-                logger.info("snow probe step %d/%d loss %.4f", step + 1, steps, float(loss.detach()))
+            _update(opt, sched, loss, step, steps, "snow probe")
     finally:
         torch.set_num_threads(threads)
     return probe.eval()
