@@ -9,7 +9,7 @@ logits (and the snow probe's verdict) so post-hoc decisions (e.g. a ``clean`` lo
 without retraining.
 
     OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures] [--per-family 48]
-        [--samples 36000] [--tiny]
+        [--samples 36000] [--hard-snow-share S] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from vbridge_core.perceive.labels import LABELS  # noqa: E402
 from vbridge_core.perceive.model import (grid_crops, order_snow_clean, prepare_image,  # noqa: E402
                                          snow_or_clean_first)
 from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
-from vbridge_core.perceive.train import (DEFAULT_SAMPLES, PROBE_EPOCHS, build_training_set,  # noqa: E402
-                                         fit_ensemble, fit_snow_probe)
+from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_EPOCHS,  # noqa: E402
+                                         build_training_set, fit_ensemble, fit_snow_probe)
 
 #: Development splits: training photos left out of a development run and perceived instead. ``photos``
 #: (the first one) is mostly everyday content; ``textures`` is fine bright texture (grass blades, coins,
@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="snow probe passes (0: no probe)")
+    ap.add_argument("--hard-snow-share", type=float, default=HARD_SNOW_SHARE,
+                    help="share of the probe's clean crops added again with hard_snow flakes as snow")
     ap.add_argument("--split", choices=sorted(DEV_SPLITS), default="photos",
                     help="which training photos are held back and perceived (see DEV_SPLITS)")
     ap.add_argument("--tiny", action="store_true", help="2000 training crops, 6 dev images per family (a quick check "
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     feats, targets = build_training_set(a.samples, a.seed, photos=photos, crops=crops)
     t1 = time.perf_counter()
     net = fit_ensemble(feats, targets, seed=a.seed)
-    probe = fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs) if crops is not None else None
+    probe = (fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs, hard_share=a.hard_snow_share)
+             if crops is not None else None)
     t2 = time.perf_counter()
     items = dev_set(a.per_family, split=a.split)
     logits, probes = [], []

@@ -180,10 +180,10 @@ def test_cli_perceive_errors(tmp_path, capsys):
 def test_train_perceiver_builtin_small_run(tmp_path):
     out = tmp_path / "p.safetensors"
     assert main(["train-perceiver", "--out", str(out), "--samples", "600", "--epochs", "3", "--seed", "1",
-                 "--probe-epochs", "1"]) == 0
+                 "--probe-epochs", "1", "--hard-snow-share", "0.5"]) == 0
     p = Perceiver.load(out)
     assert p.info["samples"] == 600 and p.info["seed"] == 1
-    assert p.probe is not None and p.info["snow_probe_epochs"] == 1
+    assert p.probe is not None and p.info["snow_probe_epochs"] == 1 and p.info["snow_probe_hard_share"] == 0.5
     reps = p.perceive([torch.rand(3, 64, 64), torch.rand(3, 300, 200)])  # crops of 64 and 128 px
     assert isinstance(reps[0], PerceptionReport) and len(reps) == 2
     stats_only = tmp_path / "s.safetensors"
@@ -194,6 +194,7 @@ def test_train_perceiver_builtin_small_run(tmp_path):
     assert s.perceive([torch.rand(3, 64, 64)])[0].degradation in LABELS
     assert main(["train-perceiver", "--out", str(out), "--samples", "10"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--probe-epochs", "-1"]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--hard-snow-share", "1.5"]) == 2
 
 
 def _feat(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -343,3 +344,48 @@ def test_dev_split_uses_training_photos_only_and_is_deterministic():
     assert [lab for _, lab in a] == list(LABELS)
     for (x, _), (y, _) in zip(a, b):
         assert torch.equal(x, y) and 160 <= max(x.shape[-2:]) <= 256
+
+
+def test_hard_snow_paints_visible_opaque_flakes_deterministically():
+    from vbridge_core.perceive.synth import hard_snow, visible_overlay
+
+    x = torch.rand(1, 128, 128).expand(3, -1, -1) * 0.5  # a mid-grey textured crop
+    a = hard_snow(x, torch.Generator().manual_seed(3))
+    b = hard_snow(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert torch.equal(a, (a * 255).round() / 255) and 0 <= a.min() and a.max() <= 1  # 8-bit, in range
+    gen = torch.Generator().manual_seed(4)
+    outs = [hard_snow(x, gen) for _ in range(12)]
+    assert all(visible_overlay(x, o) for o in outs)
+    # flakes are near-white and mostly opaque: the changed pixels are bright, not a faint overlay
+    changed = torch.cat([o[0][(o - x).abs().amax(0) > 0.1] for o in outs])
+    assert changed.median() > 0.75
+    assert len({int(((o - x).abs().amax(0) > 0.1).sum()) for o in outs}) > 6  # density and size vary
+
+
+def test_hard_snow_share_teaches_the_probe_opaque_flakes():
+    """The same small probe run with and without hard_snow positives: only the first learns to call them snow."""
+    from vbridge_core.degrade import snow
+    from vbridge_core.perceive.synth import clean_photos, hard_snow
+    from vbridge_core.perceive.train import fit_snow_probe, to_uint8
+
+    photos = [p for n, p in clean_photos("train") if n in ("chelsea.png", "astronaut.png", "motorcycle_left.png")]
+    gen = torch.Generator().manual_seed(0)
+    crops, y = [], []
+    for k in range(48):
+        p = photos[k % len(photos)]
+        t, l = (int(torch.randint(s - 128 + 1, (1,), generator=gen)) for s in p.shape[-2:])
+        c = p[:, t:t + 128, l:l + 128]
+        is_snow = k % 4 == 0  # a quarter soft degrade.py snow, the rest clean
+        crops.append(to_uint8(snow(c, seed=k, density=0.004, flake_size=2.5) if is_snow else c))
+        y.append(is_snow)
+    labels = np.zeros((len(y), len(LABELS)), np.float32)
+    labels[np.arange(len(y)), [LABELS.index("snow" if s else "clean") for s in y]] = 1
+    test_gen = torch.Generator().manual_seed(7)
+    held = [hard_snow(crops[i].float() / 255, test_gen) for i in range(1, 48, 4)]
+    probs = {}
+    for share in (0.0, 1.0):
+        probe = fit_snow_probe(crops, {"labels": labels}, seed=0, epochs=12, batch=16, hard_share=share)
+        with torch.no_grad():
+            probs[share] = torch.sigmoid(probe(torch.stack(held))).mean().item()
+    assert probs[1.0] > 0.5 and probs[1.0] > probs[0.0] + 0.2, probs

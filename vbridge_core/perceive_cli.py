@@ -46,6 +46,9 @@ def add_perceive_parsers(sub) -> None:
     t.add_argument("--epochs", type=int, default=120, help="(builtin) passes over the training features")
     t.add_argument("--probe-epochs", type=int, default=None, help="(builtin) passes of the snow probe, a small conv "
                    "net that tells snow from clean, over its crops (default 8; 0 = statistics only, minutes faster)")
+    t.add_argument("--hard-snow-share", type=float, default=None, help="(builtin) share of the probe's clean crops "
+                   "added again as snow with opaque, hard-edged flakes and streaks drawn on (default 0; 0.5 finds such "
+                   "snow 97 %% of the time instead of ~50 %%, but calls more clean texture snow: bench/RESULTS.md)")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
@@ -149,10 +152,11 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
         if a.tasks or a.clip_vision:
             raise InputError("--tasks and --clip-vision are for --kind clip; the built-in perceiver trains on "
                              "degraded photos only")
-        from .perceive.train import DEFAULT_SAMPLES, PROBE_EPOCHS, train_builtin
+        from .perceive.train import DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_EPOCHS, train_builtin
 
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
-                                threads=a.threads, probe_epochs=PROBE_EPOCHS if a.probe_epochs is None else a.probe_epochs)
+                                threads=a.threads, probe_epochs=PROBE_EPOCHS if a.probe_epochs is None else a.probe_epochs,
+                                hard_snow_share=HARD_SNOW_SHARE if a.hard_snow_share is None else a.hard_snow_share)
         logger.info("built-in perceiver: %s", info)
         return 0
     if not a.clip_vision:

@@ -280,6 +280,44 @@ def visible_overlay(before: torch.Tensor, after: torch.Tensor) -> bool:
     return bool(changed >= VISIBLE_SHARE)
 
 
+def hard_snow(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Snow drawn unlike :func:`vbridge_core.degrade.snow`, for the snow probe's training only.
+
+    ``degrade.snow`` screen-blends soft, half-transparent disks; real snow (and other renderers) also
+    shows opaque, hard-edged flakes and short wind streaks. Here each flake is a disk of radius
+    0.5..3 px (small ones most common) or, in a third of the images, a segment 2..10 px long in one
+    shared wind direction; flakes are painted over the image (alpha 0.75..1, one near-white grey per
+    image), with hard edges in half the images and a 0.5 px softening in the rest. ``image`` is
+    ``[3, H, W]`` in 0..1; the result is quantised to 8 bits like the other training crops."""
+    _, h, w = image.shape
+
+    def u(lo: float = 0.0, hi: float = 1.0, n: int = 1) -> torch.Tensor:
+        return torch.empty(n).uniform_(lo, hi, generator=gen)
+
+    density = float(torch.exp(u(np.log(5e-4), np.log(6e-3))))
+    n = max(3, int(round(density * h * w)))
+    cy, cx = u(-2, h + 2, n), u(-2, w + 2, n)
+    radius = 0.5 + 2.5 * u(n=n) ** 2
+    alpha = u(0.75, 1.0, n)
+    yy = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    xx = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+    dy, dx = yy - cy.view(n, 1, 1), xx - cx.view(n, 1, 1)
+    if float(u()) < 1 / 3:  # wind: distance to a short segment instead of to a point
+        ang = float(u(0, 2 * np.pi))
+        ux, uy = float(np.cos(ang)), float(np.sin(ang))
+        length = u(2, 10, n).view(n, 1, 1)
+        t = (dx * ux + dy * uy).clamp(min=torch.zeros(1), max=length)
+        dy, dx = dy - t * uy, dx - t * ux
+    dist = (dy * dy + dx * dx).sqrt()
+    soft = 0.5 if float(u()) < 0.5 else 0.0
+    r = radius.view(n, 1, 1)
+    cover = ((r + soft - dist) / (2 * soft)).clamp(0, 1) if soft else (dist <= r).float()
+    a = (cover * alpha.view(n, 1, 1)).amax(0)
+    grey = float(u(0.85, 1.0))
+    out = image * (1 - a) + grey * a
+    return (out.clamp(0, 1) * 255).round() / 255
+
+
 def _random_crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """A ``size`` px square crop of ``photo`` seen at a random scale 0.35..1 (area-downscaled), 8-bit quantised."""
     h, w = photo.shape[-2:]

@@ -23,7 +23,7 @@ from ..errors import InputError
 from .features import FEATURE_VERSION, crop_features
 from .labels import FAMILIES, LABELS
 from .model import CROP, Perceiver, PerceiverNet, SnowProbe
-from .synth import Sample, clean_photos, label_arrays, make_samples
+from .synth import Sample, clean_photos, hard_snow, label_arrays, make_samples
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,9 @@ def fit_ensemble(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int 
 
 #: Passes of the snow probe over its training crops (the 128 px ones that are clean or carry snow alone).
 PROBE_EPOCHS = 8
+#: Share of the probe's clean crops added again as snow drawn by :func:`~.synth.hard_snow` (the shipped file: 0;
+#: 0.5 finds opaque hard-edged snow far better but calls more clean fine texture snow, see bench/RESULTS.md).
+HARD_SNOW_SHARE = 0.0
 
 
 def conv_threads() -> int:
@@ -144,9 +147,12 @@ def conv_threads() -> int:
 
 
 def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray], seed: int = 0,
-                   epochs: int = PROBE_EPOCHS, batch: int = 64, lr: float = 2e-3) -> Optional[SnowProbe]:
+                   epochs: int = PROBE_EPOCHS, batch: int = 64, lr: float = 2e-3,
+                   hard_share: float = HARD_SNOW_SHARE) -> Optional[SnowProbe]:
     """Fit a :class:`SnowProbe` on the 128 px training crops labelled ``snow`` alone (1) or ``clean`` (0).
 
+    ``hard_share`` of the clean crops are added once more as snow, with :func:`~.synth.hard_snow` flakes
+    (opaque, hard-edged, streaks) painted on, so the probe knows snow that ``degrade.snow`` does not draw.
     Deterministic for a seed; every other batch is mirrored left-right. Returns None when the set holds
     no crop of one of the two kinds (a tiny training run)."""
     lab = targets["labels"]
@@ -158,6 +164,13 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
                        int(y.sum()), int(len(y) - y.sum()), CROP)
         return None
     x_all = torch.stack([crops[i] for i in idx])
+    if hard_share > 0:
+        g = torch.Generator().manual_seed(seed + 1)
+        clean = (y == 0).nonzero()[:, 0]
+        pick = clean[torch.randperm(len(clean), generator=g)[:int(round(hard_share * len(clean)))]]
+        if len(pick):
+            extra = torch.stack([to_uint8(hard_snow(x_all[i].float() / 255.0, g)) for i in pick.tolist()])
+            x_all, y = torch.cat([x_all, extra]), torch.cat([y, torch.ones(len(pick))])
     threads = torch.get_num_threads()
     torch.set_num_threads(conv_threads())  # the convolutions gain from every core, unlike the small MLPs
     try:
@@ -165,11 +178,11 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
         probe = SnowProbe()
         opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(seed)
-        steps = max(1, epochs * len(idx) // batch)
+        steps = max(1, epochs * len(y) // batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
         probe.train()
         for step in range(steps):
-            j = torch.randint(len(idx), (batch,), generator=gen)
+            j = torch.randint(len(y), (batch,), generator=gen)
             x = x_all[j].float() / 255.0
             if step % 2:
                 x = x.flip(-1)
@@ -182,14 +195,18 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
 
 def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, epochs: int = 120,
                   threads: Optional[int] = None, members: int = MEMBERS,
-                  probe_epochs: int = PROBE_EPOCHS) -> tuple[Perceiver, dict[str, Any]]:
+                  probe_epochs: int = PROBE_EPOCHS,
+                  hard_snow_share: float = HARD_SNOW_SHARE) -> tuple[Perceiver, dict[str, Any]]:
     """Train the built-in perceiver on degraded crops of the training photos and write it to ``out``.
 
-    ``probe_epochs`` = 0 leaves the snow probe out (statistics only)."""
+    ``probe_epochs`` = 0 leaves the snow probe out (statistics only); ``hard_snow_share`` is passed to
+    :func:`fit_snow_probe`."""
     if count < 200:
         raise InputError(f"--samples must be at least 200 for a usable perceiver, got {count}")
     if probe_epochs < 0:
         raise InputError(f"--probe-epochs must be >= 0 (0 = no snow probe), got {probe_epochs}")
+    if not 0.0 <= hard_snow_share <= 1.0:
+        raise InputError(f"--hard-snow-share must be a share of the clean crops, 0..1, got {hard_snow_share}")
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
@@ -199,13 +216,15 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
     t1 = time.perf_counter()
     net = fit_ensemble(feats, targets, seed=seed, members=members, epochs=epochs)
     t2 = time.perf_counter()
-    probe = fit_snow_probe(crops, targets, seed=seed, epochs=probe_epochs) if crops is not None else None
+    probe = (fit_snow_probe(crops, targets, seed=seed, epochs=probe_epochs, hard_share=hard_snow_share)
+             if crops is not None else None)
     with torch.no_grad():
         pred = torch.sigmoid(net(feats)[0]).numpy()
     top_true = np.where(targets["labels"][:, :len(FAMILIES)].sum(1) == 0, len(FAMILIES),
                         np.argmax(targets["severity"] * targets["labels"][:, :len(FAMILIES)], 1))
     info = {"seed": seed, "samples": count, "epochs": epochs, "members": members, "train_top1": float((pred.argmax(1) == top_true).mean()),
             "snow_probe_epochs": probe_epochs if probe is not None else 0,
+            "snow_probe_hard_share": hard_snow_share if probe is not None else 0.0,
             "seconds_data": round(t1 - t0, 1), "seconds_fit": round(t2 - t1, 1),
             "seconds_probe": round(time.perf_counter() - t2, 1),
             "photos": "scikit-image bundled photos (train split) + vbridge_core/assets/samples + procedural scenes",
