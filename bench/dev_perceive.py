@@ -2,13 +2,14 @@
 
 Trains the perceiver exactly like ``train_builtin`` (same crop count, sizes, epochs, ensemble) but
 on the training photos minus a development split (:data:`DEV_SPLITS`; ``photos``: chelsea,
-motorcycle_right, brick, coins; ``textures``: grass, coins, moon, astronaut), then perceives degrade.py
+motorcycle_right, brick, coins; ``textures``: grass, coins, moon, astronaut; ``stones``: three procedural
+stone / leaf fields and brick), then perceives degrade.py
 crops of those four dev photos (160..256 px, the benchmark's crop recipe, but
 none of its held-out photos and none of its independent degradation code). Writes per-image crop
 logits (and the snow probe's verdict) so post-hoc decisions (e.g. a ``clean`` logit offset) can be scored
 without retraining.
 
-    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures] [--per-family 48]
+    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones] [--per-family 48]
         [--samples 36000] [--hard-snow-share S] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
 """
@@ -35,9 +36,12 @@ from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE
 #: Development splits: training photos left out of a development run and perceived instead. ``photos``
 #: (the first one) is mostly everyday content; ``textures`` is fine bright texture (grass blades, coins,
 #: craters) where clean crops get called ``snow``, the failure the benchmark shows on its held-out photos.
+#: ``stones`` (procedural stone fields and brick) shows what the other two missed: a snow probe trained with
+#: ``--hard-snow-share 0.5`` calls clean stones snow (0 -> 5 of 60), as it did on the held-out photos.
 DEV_SPLITS: dict[str, tuple[str, ...]] = {
     "photos": ("chelsea.png", "motorcycle_right.png", "brick.png", "coins.png"),
     "textures": ("grass.png", "coins.png", "moon.png", "astronaut.png"),
+    "stones": ("procedural:0", "procedural:1", "procedural:7", "brick.png"),
 }
 DEV_PHOTOS = DEV_SPLITS["photos"]
 

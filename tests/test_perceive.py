@@ -335,10 +335,11 @@ def test_invisible_snow_is_labelled_clean_for_training():
 def test_dev_split_uses_training_photos_only_and_is_deterministic():
     import dev_perceive
 
-    from vbridge_core.perceive.synth import HELD_OUT_PHOTOS, SKIMAGE_PHOTOS
+    from vbridge_core.perceive.synth import HELD_OUT_PHOTOS, clean_photos
 
+    training = {n for n, _ in clean_photos("train")}
     for split, names in dev_perceive.DEV_SPLITS.items():
-        assert set(names) <= set(SKIMAGE_PHOTOS), split
+        assert set(names) <= training, split
         assert not set(names) & set(HELD_OUT_PHOTOS), split  # decisions never see the benchmark's photos
     a, b = dev_perceive.dev_set(1, split="textures"), dev_perceive.dev_set(1, split="textures")
     assert [lab for _, lab in a] == list(LABELS)
