@@ -47,9 +47,10 @@ def add_perceive_parsers(sub) -> None:
     t.add_argument("--epochs", type=int, default=120, help="(builtin) passes over the training features")
     t.add_argument("--probe-epochs", type=int, default=None, help="(builtin) passes of the snow probe, a small conv "
                    "net that tells snow from clean, over its crops (default 8; 0 = statistics only, minutes faster)")
-    t.add_argument("--hard-snow-share", type=float_arg("--hard-snow-share", min=0, max=1), default=None, help="(builtin) share of the probe's clean crops "
-                   "added again as snow with opaque, hard-edged flakes and streaks drawn on (default 0; 0.5 finds such "
-                   "snow 97 %% of the time instead of ~50 %%, but calls more clean texture snow: bench/RESULTS.md)")
+    t.add_argument("--hard-snow-share", type=float_arg("--hard-snow-share", min=0, max=1), default=None,
+                   help="(builtin) share of the probe's clean crops added again as snow with opaque, hard-edged "
+                   "flakes and streaks drawn on (default 0; 0.5 finds such snow 97 %% of the time instead of ~50 %%, "
+                   "but calls more clean texture snow: bench/RESULTS.md)")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")

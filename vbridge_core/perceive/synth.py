@@ -187,6 +187,11 @@ def _bright_objects(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
+def quantise_8bit(image: torch.Tensor) -> torch.Tensor:
+    """``image`` clamped to 0..1 and rounded to the 256 levels of an 8-bit file (still float)."""
+    return (image.clamp(0, 1) * 255).round() / 255
+
+
 def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size: int = 384) -> list[tuple[str, torch.Tensor]]:
     """Clean procedural scenes ``[(name, [3, size, size])]`` (deterministic): dead-leaves (occluding shaded
     shapes, colour or gray stones), smooth 1/f textures, and bright skies / white cloud fields over such
@@ -220,7 +225,7 @@ def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size:
             img = np.where(m, sky, ground)
         x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
         x = F.avg_pool2d(x[None], 2)[0].clamp(0, 1)
-        out.append((f"procedural:{i}", (x * 255).round() / 255))
+        out.append((f"procedural:{i}", quantise_8bit(x)))
     return out
 
 
@@ -306,7 +311,7 @@ def hard_snow(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         ang = float(u(0, 2 * np.pi))
         ux, uy = float(np.cos(ang)), float(np.sin(ang))
         length = u(2, 10, n).view(n, 1, 1)
-        t = (dx * ux + dy * uy).clamp(min=torch.zeros(1), max=length)
+        t = torch.minimum((dx * ux + dy * uy).clamp(min=0), length)
         dy, dx = dy - t * uy, dx - t * ux
     dist = (dy * dy + dx * dx).sqrt()
     soft = 0.5 if float(u()) < 0.5 else 0.0
@@ -314,8 +319,7 @@ def hard_snow(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     cover = ((r + soft - dist) / (2 * soft)).clamp(0, 1) if soft else (dist <= r).float()
     a = (cover * alpha.view(n, 1, 1)).amax(0)
     grey = float(u(0.85, 1.0))
-    out = image * (1 - a) + grey * a
-    return (out.clamp(0, 1) * 255).round() / 255
+    return quantise_8bit(image * (1 - a) + grey * a)
 
 
 def _random_crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -333,8 +337,7 @@ def _random_crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.
     if torch.rand(1, generator=gen) < 0.5:
         crop = crop.flip(-1)
     crop = _photometric(crop.clamp(0, 1), gen)
-    # 8-bit like a real file
-    return (crop.clamp(0, 1) * 255).round() / 255
+    return quantise_8bit(crop)  # 8-bit like a real file
 
 
 def _photometric(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
