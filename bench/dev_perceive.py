@@ -10,7 +10,7 @@ logits (and the snow probe's verdict) so post-hoc decisions (e.g. a ``clean`` lo
 without retraining.
 
     OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones] [--per-family 48]
-        [--samples 36000] [--hard-snow-share S] [--tiny]
+        [--samples 36000] [--hard-snow-share S] [--snow-pair-share S] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vbridge_core.perceive.labels import LABELS  # noqa: E402
 from vbridge_core.perceive.model import (grid_crops, order_snow_clean, prepare_image,  # noqa: E402
                                          snow_or_clean_first)
 from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
-from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_EPOCHS,  # noqa: E402
+from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_EPOCHS, SNOW_PAIR_SHARE,  # noqa: E402
                                          build_training_set, fit_ensemble, fit_snow_probe)
 
 #: Development splits: training photos left out of a development run and perceived instead. ``photos``
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="snow probe passes (0: no probe)")
     ap.add_argument("--hard-snow-share", type=float, default=HARD_SNOW_SHARE,
                     help="share of the probe's clean crops added again with hard_snow flakes as snow")
+    ap.add_argument("--snow-pair-share", type=float, default=SNOW_PAIR_SHARE,
+                    help="share of the probe's clean crops added again with degrade.py snow")
     ap.add_argument("--split", choices=sorted(DEV_SPLITS), default="photos",
                     help="which training photos are held back and perceived (see DEV_SPLITS)")
     ap.add_argument("--tiny", action="store_true", help="2000 training crops, 6 dev images per family (a quick check "
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     feats, targets = build_training_set(a.samples, a.seed, photos=photos, crops=crops)
     t1 = time.perf_counter()
     net = fit_ensemble(feats, targets, seed=a.seed)
-    probe = (fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs, hard_share=a.hard_snow_share)
+    probe = (fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs, hard_share=a.hard_snow_share,
+                            pair_share=a.snow_pair_share)
              if crops is not None else None)
     t2 = time.perf_counter()
     items = dev_set(a.per_family, split=a.split)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def test_shipped_perceiver_is_small_and_loads():
     p = Perceiver.builtin()
     assert p.info.get("samples", 0) >= 1000  # the shipped file was trained by train_builtin on real crops
     assert p.probe is not None and p.info.get("snow_probe_epochs", 0) >= 1
+    from vbridge_core.perceive import train
+
+    # the shipped file is what the default recipe makes (README: train-perceiver with no options reproduces it)
+    assert (p.info["snow_probe_pair_share"], p.info["snow_probe_decision"], p.info["snow_probe_hard_share"]) == \
+        (train.SNOW_PAIR_SHARE, train.PROBE_DECISION, train.HARD_SNOW_SHARE)
 
 
 def _with_probe_bias(p: Perceiver, bias: float) -> Perceiver:
@@ -169,6 +175,40 @@ def test_cli_perceive_table_and_json_schema(tmp_path, photo, capsys):
                                                                                "rainy.png": "rain"}
 
 
+def test_snow_pairs_teach_a_probe_from_clean_crops_alone():
+    """Clean crops only: no probe without pairs; with pairs (degrade.py snow on the same crops) it learns snow."""
+    from vbridge_core.degrade import snow
+    from vbridge_core.perceive.synth import clean_photos
+    from vbridge_core.perceive.train import _add_snow_pairs, fit_snow_probe, to_uint8
+
+    photos = [p for n, p in clean_photos("train") if n in ("chelsea.png", "astronaut.png", "motorcycle_left.png")]
+    gen = torch.Generator().manual_seed(0)
+    crops = []
+    for k in range(56):
+        p = photos[k % len(photos)]
+        t, l = (int(torch.randint(s - 128 + 1, (1,), generator=gen)) for s in p.shape[-2:])
+        crops.append(to_uint8(p[:, t:t + 128, l:l + 128]))
+    train, held = crops[:40], crops[40:]
+    labels = np.zeros((len(train), len(LABELS)), np.float32)
+    labels[:, LABELS.index("clean")] = 1
+    assert fit_snow_probe(train, {"labels": labels}, seed=0, epochs=1, batch=16, pair_share=0.0) is None  # no snow
+    x, y = _add_snow_pairs(torch.stack(train), torch.zeros(len(train)), 0.5, seed=0)
+    assert x.shape == (60, 3, 128, 128) and x.dtype == torch.uint8 and torch.equal(x[:40], torch.stack(train))
+    assert y[:40].sum() == 0 and 10 <= y[40:].sum() <= 20  # labelled as training crops are: invisible snow is clean
+    x2, y2 = _add_snow_pairs(torch.stack(train), torch.zeros(len(train)), 0.5, seed=0)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    probe = fit_snow_probe(train, {"labels": labels}, seed=0, epochs=30, batch=16, pair_share=1.0, decision=0.5)
+    snowy = torch.stack([snow(c.float() / 255, seed=k, density=0.004, flake_size=2.5) for k, c in enumerate(held)])
+    with torch.no_grad():
+        l_snow, l_clean = probe(snowy), probe(torch.stack(held).float() / 255)
+    # the same held-back crop scores higher with flakes than without: the probe learned flakes, not backgrounds
+    assert (l_snow > l_clean).float().mean() >= 0.85 and (l_snow - l_clean).mean() > 0.2, (l_snow, l_clean)
+    # the decision probability moves the probe's verdict boundary, nothing else: logits shift by logit(0.8)
+    strict = fit_snow_probe(train, {"labels": labels}, seed=0, epochs=30, batch=16, pair_share=1.0, decision=0.8)
+    with torch.no_grad():
+        assert torch.allclose(probe(snowy) - strict(snowy), torch.full((len(held),), math.log(4.0)), atol=1e-5)
+
+
 def test_cli_perceive_errors(tmp_path, capsys):
     save_png(torch.rand(3, 12, 12), tmp_path / "tiny.png")
     assert main(["perceive", str(tmp_path / "tiny.png")]) == 2
@@ -180,10 +220,11 @@ def test_cli_perceive_errors(tmp_path, capsys):
 def test_train_perceiver_builtin_small_run(tmp_path):
     out = tmp_path / "p.safetensors"
     assert main(["train-perceiver", "--out", str(out), "--samples", "600", "--epochs", "3", "--seed", "1",
-                 "--probe-epochs", "1", "--hard-snow-share", "0.5"]) == 0
+                 "--probe-epochs", "1", "--hard-snow-share", "0.5", "--snow-pair-share", "0.25"]) == 0
     p = Perceiver.load(out)
     assert p.info["samples"] == 600 and p.info["seed"] == 1
     assert p.probe is not None and p.info["snow_probe_epochs"] == 1 and p.info["snow_probe_hard_share"] == 0.5
+    assert p.info["snow_probe_pair_share"] == 0.25 and p.info["snow_probe_decision"] == 0.65  # the default
     reps = p.perceive([torch.rand(3, 64, 64), torch.rand(3, 300, 200)])  # crops of 64 and 128 px
     assert isinstance(reps[0], PerceptionReport) and len(reps) == 2
     stats_only = tmp_path / "s.safetensors"
@@ -195,6 +236,8 @@ def test_train_perceiver_builtin_small_run(tmp_path):
     assert main(["train-perceiver", "--out", str(out), "--samples", "10"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--probe-epochs", "-1"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--hard-snow-share", "1.5"]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--snow-pair-share", "-0.1"]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--probe-decision", "1"]) == 2
 
 
 def _feat(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -386,7 +429,8 @@ def test_hard_snow_share_teaches_the_probe_opaque_flakes():
     held = [hard_snow(crops[i].float() / 255, test_gen) for i in range(1, 48, 4)]
     probs = {}
     for share in (0.0, 1.0):
-        probe = fit_snow_probe(crops, {"labels": labels}, seed=0, epochs=12, batch=16, hard_share=share)
+        probe = fit_snow_probe(crops, {"labels": labels}, seed=0, epochs=12, batch=16, hard_share=share,
+                               pair_share=0.0, decision=0.5)
         with torch.no_grad():
             probs[share] = torch.sigmoid(probe(torch.stack(held))).mean().item()
     assert probs[1.0] > 0.5 and probs[1.0] > probs[0.0] + 0.2, probs

@@ -51,6 +51,13 @@ def add_perceive_parsers(sub) -> None:
                    help="(builtin) share of the probe's clean crops added again as snow with opaque, hard-edged "
                    "flakes and streaks drawn on (default 0; 0.5 finds such snow 97 %% of the time instead of ~50 %%, "
                    "but calls more clean texture snow: bench/RESULTS.md)")
+    t.add_argument("--snow-pair-share", type=float_arg("--snow-pair-share", min=0, max=1), default=None,
+                   help="(builtin) share of the probe's clean crops added again with degrade.py snow of random "
+                   "parameters, so the probe sees the same background with and without flakes (default: "
+                   "SNOW_PAIR_SHARE in vbridge_core/perceive/train.py, the shipped file's)")
+    t.add_argument("--probe-decision", type=float_arg("--probe-decision", min=0, max=1), default=None,
+                   help="(builtin) the snow probe says snow above this probability of its training mix (default: "
+                   "PROBE_DECISION in vbridge_core/perceive/train.py; 0.5 with --snow-pair-share 0 makes the v3 probe)")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
@@ -154,11 +161,14 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
         if a.tasks or a.clip_vision:
             raise InputError("--tasks and --clip-vision are for --kind clip; the built-in perceiver trains on "
                              "degraded photos only")
-        from .perceive.train import DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_EPOCHS, train_builtin
+        from .perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_DECISION, PROBE_EPOCHS,
+                                     SNOW_PAIR_SHARE, train_builtin)
 
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
                                 threads=a.threads, probe_epochs=PROBE_EPOCHS if a.probe_epochs is None else a.probe_epochs,
-                                hard_snow_share=HARD_SNOW_SHARE if a.hard_snow_share is None else a.hard_snow_share)
+                                hard_snow_share=HARD_SNOW_SHARE if a.hard_snow_share is None else a.hard_snow_share,
+                                snow_pair_share=SNOW_PAIR_SHARE if a.snow_pair_share is None else a.snow_pair_share,
+                                probe_decision=PROBE_DECISION if a.probe_decision is None else a.probe_decision)
         logger.info("built-in perceiver: %s", info)
         return 0
     if not a.clip_vision:
