@@ -141,7 +141,8 @@ HARD_SNOW_SHARE = 0.0
 SNOW_PAIR_SHARE = 0.5
 #: Probability of snow (as the probe learned it on its training mix) above which the shipped probe says snow; folded
 #: into the head's bias, so a file's probe says snow at p > 0.5 as every probe does. The pairs raise the snow share of
-#: the probe's crops (snow : clean odds 0.24 -> roughly 0.6-0.7): 0.5 finds the most snow but calls more clean texture snow.
+#: the probe's crops (snow : clean odds 0.24 -> roughly 0.6-0.7): 0.5 finds the most snow but calls more clean
+#: texture snow.
 #: Chosen on the three development splits only (bench/RESULTS.md, v4): the best mean accuracy among 0.5..0.65 with
 #: clean->snow at most one above the v3 probe's on each split.
 PROBE_DECISION = 0.65
