@@ -179,12 +179,7 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
         return None
     x_all = torch.stack([crops[i] for i in idx])
     if hard_share > 0:
-        g = torch.Generator().manual_seed(seed + 1)
-        clean = (y == 0).nonzero()[:, 0]
-        pick = clean[torch.randperm(len(clean), generator=g)[:int(round(hard_share * len(clean)))]]
-        if len(pick):
-            extra = torch.stack([to_uint8(hard_snow(x_all[i].float() / 255.0, g)) for i in pick.tolist()])
-            x_all, y = torch.cat([x_all, extra]), torch.cat([y, torch.ones(len(pick))])
+        x_all, y = _add_hard_snow(x_all, y, hard_share, seed)
     if pair_share > 0:
         x_all, y = _add_snow_pairs(x_all, y, pair_share, seed)
     if len(y) < 2 or y.min() == y.max():
@@ -215,11 +210,26 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
     return probe.eval()
 
 
+def _pick_clean(y: torch.Tensor, share: float, g: torch.Generator) -> list[int]:
+    """Indices of a random ``share`` of the clean crops (label 0), drawn from ``g``."""
+    clean = (y == 0).nonzero()[:, 0]
+    return clean[torch.randperm(len(clean), generator=g)[:int(round(share * len(clean)))]].tolist()
+
+
+def _add_hard_snow(x_all: torch.Tensor, y: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append :func:`~.synth.hard_snow` copies of a random ``share`` of the clean crops (8-bit), labelled snow."""
+    g = torch.Generator().manual_seed(seed + 1)
+    pick = _pick_clean(y, share, g)
+    if not pick:
+        return x_all, y
+    extra = torch.stack([to_uint8(hard_snow(x_all[i].float() / 255.0, g)) for i in pick])
+    return torch.cat([x_all, extra]), torch.cat([y, torch.ones(len(pick))])
+
+
 def _add_snow_pairs(x_all: torch.Tensor, y: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Append ``degrade.snow`` copies of a random ``share`` of the clean crops (8-bit) with their labels."""
     g = torch.Generator().manual_seed(seed + 2)
-    clean = (y == 0).nonzero()[:, 0]
-    pick = clean[torch.randperm(len(clean), generator=g)[:int(round(share * len(clean)))]].tolist()
+    pick = _pick_clean(y, share, g)
     if not pick:
         return x_all, y
     extra, lab = [], []
