@@ -10,7 +10,8 @@ logits (and the snow probe's verdict) so post-hoc decisions (e.g. a ``clean`` lo
 without retraining.
 
     OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones] [--per-family 48]
-        [--samples 36000] [--hard-snow-share S] [--snow-pair-share S] [--tiny]
+        [--samples 36000] [--hard-snow-share S] [--snow-pair-share S]
+        [--probe-decision D] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
 """
 from __future__ import annotations
@@ -30,8 +31,8 @@ from vbridge_core.perceive.labels import LABELS  # noqa: E402
 from vbridge_core.perceive.model import (grid_crops, order_snow_clean, prepare_image,  # noqa: E402
                                          snow_or_clean_first)
 from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
-from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_EPOCHS, SNOW_PAIR_SHARE,  # noqa: E402
-                                         build_training_set, fit_ensemble, fit_snow_probe)
+from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_DECISION, PROBE_EPOCHS,  # noqa: E402
+                                         SNOW_PAIR_SHARE, build_training_set, fit_ensemble, fit_snow_probe)
 
 #: Development splits: training photos left out of a development run and perceived instead. ``photos``
 #: (the first one) is mostly everyday content; ``textures`` is fine bright texture (grass blades, coins,
@@ -118,6 +119,8 @@ def main(argv=None) -> int:
                     help="share of the probe's clean crops added again with hard_snow flakes as snow")
     ap.add_argument("--snow-pair-share", type=float, default=SNOW_PAIR_SHARE,
                     help="share of the probe's clean crops added again with degrade.py snow")
+    ap.add_argument("--probe-decision", type=float, default=PROBE_DECISION,
+                    help="the probe says snow above this probability of its training mix")
     ap.add_argument("--split", choices=sorted(DEV_SPLITS), default="photos",
                     help="which training photos are held back and perceived (see DEV_SPLITS)")
     ap.add_argument("--tiny", action="store_true", help="2000 training crops, 6 dev images per family (a quick check "
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     net = fit_ensemble(feats, targets, seed=a.seed)
     probe = (fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs, hard_share=a.hard_snow_share,
-                            pair_share=a.snow_pair_share)
+                            pair_share=a.snow_pair_share, decision=a.probe_decision)
              if crops is not None else None)
     t2 = time.perf_counter()
     items = dev_set(a.per_family, split=a.split)

@@ -49,14 +49,14 @@ def add_perceive_parsers(sub) -> None:
                    "net that tells snow from clean, over its crops (default 8; 0 = statistics only, minutes faster)")
     t.add_argument("--hard-snow-share", type=float_arg("--hard-snow-share", min=0, max=1), default=None,
                    help="(builtin) share of the probe's clean crops added again as snow with opaque, hard-edged "
-                   "flakes and streaks drawn on (default 0; 0.5 finds such snow 97 %% of the time instead of ~50 %%, "
-                   "but calls more clean texture snow: bench/RESULTS.md)")
+                   "flakes and streaks drawn on (default 0; with the v3 recipe 0.5 found such snow 97 %% of the time "
+                   "instead of ~50 %%, but called more clean texture snow: bench/RESULTS.md)")
     t.add_argument("--snow-pair-share", type=float_arg("--snow-pair-share", min=0, max=1), default=None,
                    help="(builtin) share of the probe's clean crops added again with degrade.py snow of random "
-                   "parameters, so the probe sees the same background with and without flakes (default: "
-                   "SNOW_PAIR_SHARE in vbridge_core/perceive/train.py, the shipped file's)")
+                   "parameters, so the probe sees the same background with and without flakes (default 0.5, "
+                   "SNOW_PAIR_SHARE in vbridge_core/perceive/train.py: the shipped file's)")
     t.add_argument("--probe-decision", type=float_arg("--probe-decision", min=0, max=1), default=None,
-                   help="(builtin) the snow probe says snow above this probability of its training mix (default: "
+                   help="(builtin) the snow probe says snow above this probability of its training mix (default 0.65, "
                    "PROBE_DECISION in vbridge_core/perceive/train.py; 0.5 with --snow-pair-share 0 makes the v3 probe)")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
