@@ -175,19 +175,26 @@ def test_cli_perceive_table_and_json_schema(tmp_path, photo, capsys):
                                                                                "rainy.png": "rain"}
 
 
-def test_snow_pairs_teach_a_probe_from_clean_crops_alone():
-    """Clean crops only: no probe without pairs; with pairs (degrade.py snow on the same crops) it learns snow."""
-    from vbridge_core.degrade import snow
+def _photo_crops(count: int) -> list[torch.Tensor]:
+    """``count`` random 128 px crops (float, 0..1) of three training photos, seeded: the small probe runs' data."""
     from vbridge_core.perceive.synth import clean_photos
-    from vbridge_core.perceive.train import _add_snow_pairs, fit_snow_probe, to_uint8
 
     photos = [p for n, p in clean_photos("train") if n in ("chelsea.png", "astronaut.png", "motorcycle_left.png")]
     gen = torch.Generator().manual_seed(0)
     crops = []
-    for k in range(56):
+    for k in range(count):
         p = photos[k % len(photos)]
         t, l = (int(torch.randint(s - 128 + 1, (1,), generator=gen)) for s in p.shape[-2:])
-        crops.append(to_uint8(p[:, t:t + 128, l:l + 128]))
+        crops.append(p[:, t:t + 128, l:l + 128])
+    return crops
+
+
+def test_snow_pairs_teach_a_probe_from_clean_crops_alone():
+    """Clean crops only: no probe without pairs; with pairs (degrade.py snow on the same crops) it learns snow."""
+    from vbridge_core.degrade import snow
+    from vbridge_core.perceive.train import _add_snow_pairs, fit_snow_probe, to_uint8
+
+    crops = [to_uint8(c) for c in _photo_crops(56)]
     train, held = crops[:40], crops[40:]
     labels = np.zeros((len(train), len(LABELS)), np.float32)
     labels[:, LABELS.index("clean")] = 1
@@ -410,16 +417,11 @@ def test_hard_snow_paints_visible_opaque_flakes_deterministically():
 def test_hard_snow_share_teaches_the_probe_opaque_flakes():
     """The same small probe run with and without hard_snow positives: only the first learns to call them snow."""
     from vbridge_core.degrade import snow
-    from vbridge_core.perceive.synth import clean_photos, hard_snow
+    from vbridge_core.perceive.synth import hard_snow
     from vbridge_core.perceive.train import fit_snow_probe, to_uint8
 
-    photos = [p for n, p in clean_photos("train") if n in ("chelsea.png", "astronaut.png", "motorcycle_left.png")]
-    gen = torch.Generator().manual_seed(0)
     crops, y = [], []
-    for k in range(48):
-        p = photos[k % len(photos)]
-        t, l = (int(torch.randint(s - 128 + 1, (1,), generator=gen)) for s in p.shape[-2:])
-        c = p[:, t:t + 128, l:l + 128]
+    for k, c in enumerate(_photo_crops(48)):
         is_snow = k % 4 == 0  # a quarter soft degrade.py snow, the rest clean
         crops.append(to_uint8(snow(c, seed=k, density=0.004, flake_size=2.5) if is_snow else c))
         y.append(is_snow)

@@ -161,14 +161,13 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
         if a.tasks or a.clip_vision:
             raise InputError("--tasks and --clip-vision are for --kind clip; the built-in perceiver trains on "
                              "degraded photos only")
-        from .perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_DECISION, PROBE_EPOCHS,
-                                     SNOW_PAIR_SHARE, train_builtin)
+        from .perceive.train import DEFAULT_SAMPLES, train_builtin
 
+        probe_opts = {"probe_epochs": a.probe_epochs, "hard_snow_share": a.hard_snow_share,
+                      "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision}
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
-                                threads=a.threads, probe_epochs=PROBE_EPOCHS if a.probe_epochs is None else a.probe_epochs,
-                                hard_snow_share=HARD_SNOW_SHARE if a.hard_snow_share is None else a.hard_snow_share,
-                                snow_pair_share=SNOW_PAIR_SHARE if a.snow_pair_share is None else a.snow_pair_share,
-                                probe_decision=PROBE_DECISION if a.probe_decision is None else a.probe_decision)
+                                threads=a.threads,  # options not given keep train_builtin's defaults (the shipped recipe)
+                                **{k: v for k, v in probe_opts.items() if v is not None})
         logger.info("built-in perceiver: %s", info)
         return 0
     if not a.clip_vision:
