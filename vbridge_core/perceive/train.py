@@ -178,10 +178,8 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
         logger.warning("no snow probe: the training set has no %d px crop of snow alone or clean", CROP)
         return None
     x_all = torch.stack([crops[i] for i in idx])
-    if hard_share > 0:
-        x_all, y = _add_hard_snow(x_all, y, hard_share, seed)
-    if pair_share > 0:
-        x_all, y = _add_snow_pairs(x_all, y, pair_share, seed)
+    x_all, y = _add_hard_snow(x_all, y, hard_share, seed)  # each adds nothing for a share of 0
+    x_all, y = _add_snow_pairs(x_all, y, pair_share, seed)
     if len(y) < 2 or y.min() == y.max():
         logger.warning("no snow probe: the training set has %d crops of snow alone and %d clean ones at %d px",
                        int(y.sum()), int(len(y) - y.sum()), CROP)
