@@ -3,16 +3,15 @@
 Trains the perceiver exactly like ``train_builtin`` (same crop count, sizes, epochs, ensemble) but
 on the training photos minus a development split (:data:`DEV_SPLITS`; ``photos``: chelsea,
 motorcycle_right, brick, coins; ``textures``: grass, coins, moon, astronaut; ``stones``: three procedural
-stone / leaf fields and brick), then perceives degrade.py
-crops of those four dev photos (160..256 px, the benchmark's crop recipe, but
-none of its held-out photos and none of its independent degradation code). Writes per-image crop
-logits (and the snow probe's verdict) so post-hoc decisions (e.g. a ``clean`` logit offset) can be scored
-without retraining.
+stone / leaf fields and brick), then perceives crops of those four dev photos (160..256 px, the benchmark's crop recipe, none of its
+held-out photos) degraded by degrade.py and, with ``--independent``, by the benchmark's independent
+implementation (``bench_perceive.INDEPENDENT``). Writes per-image crop logits (and the snow probe's
+verdict) so post-hoc decisions (a ``clean`` or ``haze`` logit offset) can be scored without retraining.
 
     OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones] [--per-family 48]
         [--samples 36000] [--hard-snow-share S] [--snow-pair-share S]
-        [--probe-decision D] [--tiny]
-    python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean-logit offset
+        [--probe-decision D] [--haze-offset H] [--independent] [--tiny]
+    python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean- and haze-logit offset
 """
 from __future__ import annotations
 
@@ -31,8 +30,9 @@ from vbridge_core.perceive.labels import LABELS  # noqa: E402
 from vbridge_core.perceive.model import (grid_crops, order_snow_clean, prepare_image,  # noqa: E402
                                          snow_or_clean_first)
 from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
-from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, PROBE_DECISION, PROBE_EPOCHS,  # noqa: E402
-                                         SNOW_PAIR_SHARE, build_training_set, fit_ensemble, fit_snow_probe)
+from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, HAZE_LOGIT_OFFSET,  # noqa: E402
+                                         PROBE_DECISION, PROBE_EPOCHS, SNOW_PAIR_SHARE, build_training_set,
+                                         fit_ensemble, fit_snow_probe, shift_label_logit)
 
 #: Development splits: training photos left out of a development run and perceived instead. ``photos``
 #: (the first one) is mostly everyday content; ``textures`` is fine bright texture (grass blades, coins,
@@ -72,6 +72,25 @@ def dev_set(per_family: int, seed: int = 777, split: str = "photos"):
     return items
 
 
+def dev_independent_set(per_family: int, seed: int = 777, split: str = "photos"):
+    """The split's photos degraded by the benchmark's independent implementation (PIL / numpy, not degrade.py),
+    ``per_family`` per label, as (image, label) pairs: the dev twin of the benchmark's independent set."""
+    from bench_perceive import INDEPENDENT, held_out_crop
+
+    names = DEV_SPLITS[split]
+    photos = [(n, p) for n, p in clean_photos("train") if n in names]
+    rng = np.random.default_rng(seed)
+    items = []
+    for lab in LABELS:
+        for _ in range(per_family):
+            x = held_out_crop(photos, rng)
+            if lab != "clean":
+                y, _ = INDEPENDENT[lab](x.permute(1, 2, 0).numpy().astype(np.float64), rng)
+                x = torch.from_numpy(np.round(np.clip(y, 0, 1) * 255) / 255).permute(2, 0, 1).float()
+            items.append((x, lab))
+    return items
+
+
 AGGREGATIONS = {
     "prob-mean": lambda lg: torch.sigmoid(lg).mean(0),          # what Perceiver.perceive does
     "logit-mean": lambda lg: torch.sigmoid(lg.mean(0)),
@@ -87,24 +106,36 @@ def arbitrate(probs: torch.Tensor, probe: float | None) -> torch.Tensor:
 
 
 def score(path: str, aggregations=("prob-mean",)) -> None:
+    """Accuracy of a saved dev run as the ``clean`` logit (then the ``haze`` logit) is raised after the fact."""
     d = torch.load(path, weights_only=True)  # tensors, strings and lists only: no pickle code runs
-    logits, labels = d["logits"], d["labels"]
-    probes = d.get("probe") or [None] * len(labels)
-    ci, si = LABELS.index("clean"), LABELS.index("snow")
-    for agg in aggregations:
-        for off in [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]:
-            conf = np.zeros((len(LABELS), len(LABELS)), int)
-            for lg, lab, pr in zip(logits, labels, probes):
-                lg = lg.clone()
-                lg[:, ci] += off
-                pred = int(arbitrate(AGGREGATIONS[agg](lg), pr).argmax())
-                conf[LABELS.index(lab), pred] += 1
-            acc = np.trace(conf) / conf.sum()
-            per = " ".join(f"{lab[:4]}={conf[i, i] / max(1, conf[i].sum()) * 100:.0f}" for i, lab in enumerate(LABELS))
-            print(f"{agg:11s} clean offset {off:+.2f}: acc {acc * 100:.1f}%  {per}  clean->snow {conf[ci, si]}"
-                  f" snow->clean {conf[si, ci]}")
-            if off == 0.0 and agg == "prob-mean":
-                print(conf)
+    for prefix, title in (("", "degrade.py"), ("ind_", "independent implementation")):
+        if prefix + "logits" not in d:
+            continue
+        logits, labels = d[prefix + "logits"], d[prefix + "labels"]
+        probes = d.get(prefix + "probe") or [None] * len(labels)
+        print(f"== {title} ({len(labels)} images)")
+        for agg in aggregations:
+            for target, offsets in (("clean", [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]),
+                                    ("haze", [0.5, 1.0, 2.0, 3.0, 4.0, 5.0])):
+                for off in offsets:
+                    _score_row(logits, labels, probes, agg, target, off)
+
+
+def _score_row(logits, labels, probes, agg: str, target: str, off: float) -> None:
+    """One line of :func:`score`: ``off`` added to the ``target`` logit of every crop."""
+    ci, si, ti = LABELS.index("clean"), LABELS.index("snow"), LABELS.index(target)
+    conf = np.zeros((len(LABELS), len(LABELS)), int)
+    for lg, lab, pr in zip(logits, labels, probes):
+        lg = lg.clone()
+        lg[:, ti] += off
+        pred = int(arbitrate(AGGREGATIONS[agg](lg), pr).argmax())
+        conf[LABELS.index(lab), pred] += 1
+    acc = np.trace(conf) / conf.sum()
+    per = " ".join(f"{lab[:4]}={conf[i, i] / max(1, conf[i].sum()) * 100:.0f}" for i, lab in enumerate(LABELS))
+    print(f"{agg:11s} {target} offset {off:+.2f}: acc {acc * 100:.1f}%  {per}  clean->snow {conf[ci, si]}"
+          f" snow->clean {conf[si, ci]} clean->haze {conf[ci, LABELS.index('haze')]}")
+    if off == 0.0 and agg == "prob-mean":
+        print(conf)
 
 
 def main(argv=None) -> int:
@@ -121,6 +152,10 @@ def main(argv=None) -> int:
                     help="share of the probe's clean crops added again with degrade.py snow")
     ap.add_argument("--probe-decision", type=float, default=PROBE_DECISION,
                     help="the probe says snow above this probability of its training mix")
+    ap.add_argument("--haze-offset", type=float, default=HAZE_LOGIT_OFFSET,
+                    help="added to the fitted MLPs' haze logit (the shipped recipe's HAZE_LOGIT_OFFSET by default)")
+    ap.add_argument("--independent", action="store_true",
+                    help="also perceive the split's photos degraded by the benchmark's independent implementation")
     ap.add_argument("--split", choices=sorted(DEV_SPLITS), default="photos",
                     help="which training photos are held back and perceived (see DEV_SPLITS)")
     ap.add_argument("--tiny", action="store_true", help="2000 training crops, 6 dev images per family (a quick check "
@@ -137,20 +172,25 @@ def main(argv=None) -> int:
     crops: list | None = [] if a.probe_epochs else None
     feats, targets = build_training_set(a.samples, a.seed, photos=photos, crops=crops)
     t1 = time.perf_counter()
-    net = fit_ensemble(feats, targets, seed=a.seed)
+    net = shift_label_logit(fit_ensemble(feats, targets, seed=a.seed), "haze", a.haze_offset)
     probe = (fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs, hard_share=a.hard_snow_share,
                             pair_share=a.snow_pair_share, decision=a.probe_decision)
              if crops is not None else None)
     t2 = time.perf_counter()
-    items = dev_set(a.per_family, split=a.split)
-    logits, probes = [], []
-    with torch.no_grad():
-        for x, _ in items:
-            c = grid_crops(prepare_image(x))
-            logits.append(net(crop_features(c))[0])
-            probes.append(float(torch.sigmoid(probe(c)).mean()) if probe is not None else None)
-    torch.save({"logits": logits, "labels": [lab for _, lab in items], "state": net.state_dict(),
-                **({"probe": probes} if probe is not None else {})}, a.out)
+    out = {"state": net.state_dict()}
+    sets = [("", dev_set(a.per_family, split=a.split))]
+    if a.independent:
+        sets.append(("ind_", dev_independent_set(a.per_family, split=a.split)))
+    for prefix, items in sets:
+        logits, probes = [], []
+        with torch.no_grad():
+            for x, _ in items:
+                c = grid_crops(prepare_image(x))
+                logits.append(net(crop_features(c))[0])
+                probes.append(float(torch.sigmoid(probe(c)).mean()) if probe is not None else None)
+        out.update({prefix + "logits": logits, prefix + "labels": [lab for _, lab in items],
+                    **({prefix + "probe": probes} if probe is not None else {})})
+    torch.save(out, a.out)
     print(f"data {t1 - t0:.0f}s fit {t2 - t1:.0f}s eval {time.perf_counter() - t2:.0f}s")
     score(a.out)
     return 0

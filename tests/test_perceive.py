@@ -59,8 +59,9 @@ def test_shipped_perceiver_is_small_and_loads():
     from vbridge_core.perceive import train
 
     # the shipped file is what the default recipe makes (README: train-perceiver with no options reproduces it)
-    assert (p.info["snow_probe_pair_share"], p.info["snow_probe_decision"], p.info["snow_probe_hard_share"]) == \
-        (train.SNOW_PAIR_SHARE, train.PROBE_DECISION, train.HARD_SNOW_SHARE)
+    assert (p.info["snow_probe_pair_share"], p.info["snow_probe_decision"], p.info["snow_probe_hard_share"],
+            p.info["haze_logit_offset"]) == \
+        (train.SNOW_PAIR_SHARE, train.PROBE_DECISION, train.HARD_SNOW_SHARE, train.HAZE_LOGIT_OFFSET)
 
 
 def _with_probe_bias(p: Perceiver, bias: float) -> Perceiver:
@@ -232,6 +233,9 @@ def test_train_perceiver_builtin_small_run(tmp_path):
     assert p.info["samples"] == 600 and p.info["seed"] == 1
     assert p.probe is not None and p.info["snow_probe_epochs"] == 1 and p.info["snow_probe_hard_share"] == 0.5
     assert p.info["snow_probe_pair_share"] == 0.25 and p.info["snow_probe_decision"] == 0.65  # the default
+    from vbridge_core.perceive.train import HAZE_LOGIT_OFFSET
+
+    assert p.info["haze_logit_offset"] == HAZE_LOGIT_OFFSET  # the default
     reps = p.perceive([torch.rand(3, 64, 64), torch.rand(3, 300, 200)])  # crops of 64 and 128 px
     assert isinstance(reps[0], PerceptionReport) and len(reps) == 2
     stats_only = tmp_path / "s.safetensors"
@@ -239,12 +243,24 @@ def test_train_perceiver_builtin_small_run(tmp_path):
                  "--probe-epochs", "0"]) == 0
     s = Perceiver.load(stats_only)
     assert s.probe is None and s.info["snow_probe_epochs"] == 0
+    shifted = tmp_path / "h.safetensors"  # same seed and data, haze logit raised: only that output moves
+    assert main(["train-perceiver", "--out", str(shifted), "--samples", "200", "--epochs", "2",
+                 "--probe-epochs", "0", "--haze-offset", "1.5"]) == 0
+    h = Perceiver.load(shifted)
+    assert h.info["haze_logit_offset"] == 1.5
+    f = crop_features(torch.rand(4, 3, 64, 64))
+    with torch.no_grad():
+        d = h.net(f)[0] - s.net(f)[0]
+    assert torch.allclose(d[:, LABELS.index("haze")], torch.full((4,), 1.5 - s.info["haze_logit_offset"]), atol=1e-4)
+    assert torch.allclose(d[:, LABELS.index("clean")], torch.zeros(4), atol=1e-6)
     assert s.perceive([torch.rand(3, 64, 64)])[0].degradation in LABELS
     assert main(["train-perceiver", "--out", str(out), "--samples", "10"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--probe-epochs", "-1"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--hard-snow-share", "1.5"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--snow-pair-share", "-0.1"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--probe-decision", "1"]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--haze-offset", "nan"]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--haze-offset", "11"]) == 2
 
 
 def _feat(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -395,6 +411,28 @@ def test_dev_split_uses_training_photos_only_and_is_deterministic():
     assert [lab for _, lab in a] == list(LABELS)
     for (x, _), (y, _) in zip(a, b):
         assert torch.equal(x, y) and 160 <= max(x.shape[-2:]) <= 256
+    c, d = dev_perceive.dev_independent_set(1, split="stones"), dev_perceive.dev_independent_set(1, split="stones")
+    assert [lab for _, lab in c] == list(LABELS)
+    for (x, _), (y, _) in zip(c, d):
+        assert torch.equal(x, y) and 160 <= max(x.shape[-2:]) <= 256 and x.dtype == torch.float32
+        assert torch.equal(x, (x * 255).round() / 255)  # 8-bit levels, as a file would hold
+
+
+def test_shift_label_logit_moves_one_logit_of_the_ensemble_exactly():
+    from vbridge_core.perceive.model import PerceiverNet
+    from vbridge_core.perceive.train import shift_label_logit
+
+    torch.manual_seed(0)
+    net = PerceiverNet(members=3).eval()
+    z = torch.randn(5, len(FEATURE_NAMES))
+    with torch.no_grad():
+        before = net(z)
+        after = shift_label_logit(net, "haze", 2.5)(z)
+    hi = LABELS.index("haze")
+    diff = after[0] - before[0]
+    assert torch.allclose(diff[:, hi], torch.full((5,), 2.5), atol=1e-5)
+    assert torch.equal(diff[:, [i for i in range(len(LABELS)) if i != hi]], torch.zeros(5, len(LABELS) - 1))
+    assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])  # severity and quality unchanged
 
 
 def test_hard_snow_paints_visible_opaque_flakes_deterministically():

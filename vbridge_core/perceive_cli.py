@@ -58,6 +58,10 @@ def add_perceive_parsers(sub) -> None:
     t.add_argument("--probe-decision", type=float_arg("--probe-decision", min=0, max=1), default=None,
                    help="(builtin) the snow probe says snow above this probability of its training mix (default 0.65, "
                    "PROBE_DECISION in vbridge_core/perceive/train.py; 0.5 with --snow-pair-share 0 makes the v3 probe)")
+    t.add_argument("--haze-offset", type=float_arg("--haze-offset", min=-10, max=10), default=None,
+                   help="(builtin) added to the fitted MLPs' haze logit, so weak or patchy haze is called haze "
+                   "rather than clean (default 0, HAZE_LOGIT_OFFSET in vbridge_core/perceive/train.py: the shipped "
+                   "file's; 4 found most missed haze but read clean flat sky as haze: bench/RESULTS.md)")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
@@ -164,7 +168,8 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
         from .perceive.train import DEFAULT_SAMPLES, train_builtin
 
         probe_opts = {"probe_epochs": a.probe_epochs, "hard_snow_share": a.hard_snow_share,
-                      "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision}
+                      "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision,
+                      "haze_offset": a.haze_offset}
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
                                 threads=a.threads,  # options not given keep train_builtin's defaults (the shipped recipe)
                                 **{k: v for k, v in probe_opts.items() if v is not None})

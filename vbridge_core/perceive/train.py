@@ -131,6 +131,27 @@ def fit_ensemble(feats: torch.Tensor, targets: dict[str, np.ndarray], seed: int 
     return PerceiverNet.combine(nets).eval()
 
 
+#: Added to the ensemble's ``haze`` logit after fitting (:func:`shift_label_logit`; ``--haze-offset``). The MLPs
+#: call weak or patchy haze ``clean`` (or ``blur``: haze also lowers gradient energy): clean crops outnumber
+#: haze-alone ones about 3.5 : 1 in training, and a veil that lowers contrast unevenly leaves crops that look
+#: like a flat clean photo. On the development splits an offset of 4 found most of that haze (degrade.py haze
+#: 156 -> 178 of 180, independent 108 -> 153) and called no clean dev image hazy; on the held-out photos it
+#: called 6 of 60 clean images hazy (and the flat sky of camera.png in the routing test) and did not raise the
+#: synthetic accuracy overall, so the shipped file keeps 0, the MLPs as fitted (bench/RESULTS.md, stop 19).
+#: Raise it for folders of hazy landscapes, knowing that clean photos with much flat sky will then be read
+#: as hazy.
+HAZE_LOGIT_OFFSET = 0.0
+
+
+def shift_label_logit(net: PerceiverNet, label: str, offset: float) -> PerceiverNet:
+    """Add ``offset`` to ``label``'s logit in every member's label head, so the ensemble's mean logit moves by
+    exactly ``offset`` and no other output changes (a decision threshold stored in the weights). In place."""
+    with torch.no_grad():
+        for m in net.members:
+            m.labels.bias[LABELS.index(label)] += offset
+    return net
+
+
 #: Passes of the snow probe over its training crops (the 128 px ones that are clean or carry snow alone).
 PROBE_EPOCHS = 8
 #: Share of the probe's clean crops added again as snow drawn by :func:`~.synth.hard_snow` (the shipped file: 0;
@@ -243,11 +264,13 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
                   probe_epochs: int = PROBE_EPOCHS,
                   hard_snow_share: float = HARD_SNOW_SHARE,
                   snow_pair_share: float = SNOW_PAIR_SHARE,
-                  probe_decision: float = PROBE_DECISION) -> tuple[Perceiver, dict[str, Any]]:
+                  probe_decision: float = PROBE_DECISION,
+                  haze_offset: float = HAZE_LOGIT_OFFSET) -> tuple[Perceiver, dict[str, Any]]:
     """Train the built-in perceiver on degraded crops of the training photos and write it to ``out``.
 
     ``probe_epochs`` = 0 leaves the snow probe out (statistics only); ``hard_snow_share``,
-    ``snow_pair_share`` and ``probe_decision`` are passed to :func:`fit_snow_probe`."""
+    ``snow_pair_share`` and ``probe_decision`` are passed to :func:`fit_snow_probe`; ``haze_offset`` is
+    added to the fitted ensemble's haze logit (:func:`shift_label_logit`)."""
     if count < 200:
         raise InputError(f"--samples must be at least 200 for a usable perceiver, got {count}")
     if probe_epochs < 0:
@@ -258,6 +281,8 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
         raise InputError(f"--snow-pair-share must be a share of the clean crops, 0..1, got {snow_pair_share}")
     if not 0.0 < probe_decision < 1.0:
         raise InputError(f"--probe-decision must be a probability strictly between 0 and 1, got {probe_decision}")
+    if not -10.0 <= haze_offset <= 10.0:
+        raise InputError(f"--haze-offset must be a logit shift in -10..10 (0 = as fitted), got {haze_offset}")
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
@@ -265,7 +290,8 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
     feats, targets = build_training_set(count, seed, progress=lambda d, n: logger.info("samples %d/%d", d, n),
                                         crops=crops)
     t1 = time.perf_counter()
-    net = fit_ensemble(feats, targets, seed=seed, members=members, epochs=epochs)
+    net = shift_label_logit(fit_ensemble(feats, targets, seed=seed, members=members, epochs=epochs), "haze",
+                            haze_offset)
     t2 = time.perf_counter()
     probe = (fit_snow_probe(crops, targets, seed=seed, epochs=probe_epochs, hard_share=hard_snow_share,
                             pair_share=snow_pair_share, decision=probe_decision) if crops is not None else None)
@@ -278,6 +304,7 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
             "snow_probe_hard_share": hard_snow_share if probe is not None else 0.0,
             "snow_probe_pair_share": snow_pair_share if probe is not None else 0.0,
             "snow_probe_decision": probe_decision if probe is not None else 0.5,
+            "haze_logit_offset": haze_offset,
             "seconds_data": round(t1 - t0, 1), "seconds_fit": round(t2 - t1, 1),
             "seconds_probe": round(time.perf_counter() - t2, 1),
             "photos": "scikit-image bundled photos (train split) + vbridge_core/assets/samples + procedural scenes",
