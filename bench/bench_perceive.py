@@ -173,6 +173,12 @@ INDEPENDENT = {"noise": ind_noise, "blur": ind_blur, "jpeg": ind_jpeg, "haze": i
                "low_light": ind_low_light, "rain": ind_rain, "snow": ind_snow}
 
 
+def independent_degrade(x: torch.Tensor, family: str, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+    """``x`` [3, H, W] degraded by this file's ``family`` operation, quantised to 8 bits -> (image, severity)."""
+    y, sev = INDEPENDENT[family](x.permute(1, 2, 0).numpy().astype(np.float64), rng)
+    return torch.from_numpy(np.round(np.clip(y, 0, 1) * 255) / 255).permute(2, 0, 1).float(), sev
+
+
 # ------------------------------------------------------------------------------------------------
 # Test images
 # ------------------------------------------------------------------------------------------------
@@ -212,10 +218,8 @@ def make_sets(per_family: int, seed: int, with_synthetic: bool = True):
                 synthetic.append((s.image, lab, s.severity))
             else:
                 synthetic.append((x, lab, {}))
-            xi = held_out_crop(photos, rng).permute(1, 2, 0).numpy().astype(np.float64)
-            yi, sev = INDEPENDENT[lab](xi, rng)
-            yi = np.round(np.clip(yi, 0, 1) * 255) / 255
-            independent.append((torch.from_numpy(yi).permute(2, 0, 1).float(), lab, {lab: sev}))
+            yi, sev = independent_degrade(held_out_crop(photos, rng), lab, rng)
+            independent.append((yi, lab, {lab: sev}))
     for i in range(per_family * 2 if with_synthetic else 0):
         x = held_out_crop(photos, rng)
         fams = [FAMILIES[int(j)] for j in rng.choice(len(FAMILIES), 2, replace=False)]

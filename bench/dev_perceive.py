@@ -3,12 +3,14 @@
 Trains the perceiver exactly like ``train_builtin`` (same crop count, sizes, epochs, ensemble) but
 on the training photos minus a development split (:data:`DEV_SPLITS`; ``photos``: chelsea,
 motorcycle_right, brick, coins; ``textures``: grass, coins, moon, astronaut; ``stones``: three procedural
-stone / leaf fields and brick), then perceives crops of those four dev photos (160..256 px, the benchmark's crop recipe, none of its
-held-out photos) degraded by degrade.py and, with ``--independent``, by the benchmark's independent
-implementation (``bench_perceive.INDEPENDENT``). Writes per-image crop logits (and the snow probe's
-verdict) so post-hoc decisions (a ``clean`` or ``haze`` logit offset) can be scored without retraining.
+stone / leaf fields and brick; ``flat``: cell, moon and two procedural skies), then perceives crops of
+those four dev photos (160..256 px, the benchmark's crop recipe, none of its held-out photos) degraded by
+degrade.py and, with ``--independent``, by the benchmark's independent implementation
+(``bench_perceive.INDEPENDENT``). Writes per-image crop logits (and the snow probe's verdict) so post-hoc
+decisions (a ``clean`` or ``haze`` logit offset) can be scored without retraining.
 
-    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones] [--per-family 48]
+    OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones|flat]
+        [--per-family 48]
         [--samples 36000] [--hard-snow-share S] [--snow-pair-share S]
         [--probe-decision D] [--haze-offset H] [--independent] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean- and haze-logit offset
@@ -91,18 +93,15 @@ def dev_set(per_family: int, seed: int = 777, split: str = "photos"):
 def dev_independent_set(per_family: int, seed: int = 777, split: str = "photos"):
     """The split's photos degraded by the benchmark's independent implementation (PIL / numpy, not degrade.py),
     ``per_family`` per label, as (image, label) pairs: the dev twin of the benchmark's independent set."""
-    from bench_perceive import INDEPENDENT, held_out_crop
+    from bench_perceive import independent_degrade
 
     photos = split_photos(split)
     rng = np.random.default_rng(seed)
     items = []
     for lab in LABELS:
         for _ in range(per_family):
-            x = held_out_crop(photos, rng)
-            if lab != "clean":
-                y, _ = INDEPENDENT[lab](x.permute(1, 2, 0).numpy().astype(np.float64), rng)
-                x = torch.from_numpy(np.round(np.clip(y, 0, 1) * 255) / 255).permute(2, 0, 1).float()
-            items.append((x, lab))
+            x = dev_crop(photos, rng)
+            items.append((x if lab == "clean" else independent_degrade(x, lab, rng)[0], lab))
     return items
 
 
@@ -186,7 +185,7 @@ def main(argv=None) -> int:
     if a.independent:
         sets.append(("ind_", dev_independent_set(a.per_family, split=a.split)))
     t0 = time.perf_counter()
-    photos = [(n, p) for n, p in clean_photos("train") if n not in DEV_SPLITS[a.split]]
+    photos = [(n, p) for n, p in _training_photos() if n not in DEV_SPLITS[a.split]]
     crops: list | None = [] if a.probe_epochs else None
     feats, targets = build_training_set(a.samples, a.seed, photos=photos, crops=crops)
     t1 = time.perf_counter()
