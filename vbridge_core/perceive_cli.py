@@ -167,12 +167,12 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
                              "degraded photos only")
         from .perceive.train import DEFAULT_SAMPLES, train_builtin
 
-        probe_opts = {"probe_epochs": a.probe_epochs, "hard_snow_share": a.hard_snow_share,
-                      "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision,
-                      "haze_offset": a.haze_offset}
+        recipe_opts = {"probe_epochs": a.probe_epochs, "hard_snow_share": a.hard_snow_share,
+                       "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision,
+                       "haze_offset": a.haze_offset}
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
                                 threads=a.threads,  # options not given keep train_builtin's defaults (the shipped recipe)
-                                **{k: v for k, v in probe_opts.items() if v is not None})
+                                **{k: v for k, v in recipe_opts.items() if v is not None})
         logger.info("built-in perceiver: %s", info)
         return 0
     if not a.clip_vision:
