@@ -11,11 +11,16 @@ scales, perceived through the same ``Perceiver.perceive`` path users run:
   8x8-DCT JPEG-like quantiser with the standard tables and no chroma subsampling, a linear-depth
   haze, PIL brightness plus numpy sensor noise, PIL-drawn rain lines and snow dots).
 
+``--photos tid2013`` draws the same sets from a second, independent group of held-out photos: the five
+TID2013 reference images (Kodak scans, 512 x 384, uncompressed BMP) that pyiqa ships in its wheel
+(``site-packages/ResultsCalibra/ref_dir``; ``.ci/run`` installs pyiqa). None of them is used in training
+or in the development splits.
+
 Reports family accuracy (top label == the applied family, or ``clean``), per-family accuracy, the
 confusion matrix, tier accuracy against the tier of the applied severity, and for mixtures how
 often both families are detected (probability >= 0.5). ``--tiny`` uses 6 images per family.
 
-    python bench/bench_perceive.py [--per-family 60] [--perceiver FILE] [--json OUT] [--tiny]
+    python bench/bench_perceive.py [--per-family 60] [--perceiver FILE] [--photos held_out|tid2013] [--json OUT] [--tiny]
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vbridge_core.errors import InputError  # noqa: E402
+from vbridge_core.images import load_image  # noqa: E402
 from vbridge_core.perceive.labels import FAMILIES, LABELS, TIERS, combined_severity, tier_of  # noqa: E402
 from vbridge_core.perceive.model import Perceiver  # noqa: E402
 from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
@@ -183,6 +190,28 @@ def independent_degrade(x: torch.Tensor, family: str, rng: np.random.Generator) 
 # Test images
 # ------------------------------------------------------------------------------------------------
 
+#: The TID2013 reference photos in pyiqa's wheel (``--photos tid2013``).
+TID2013_PHOTOS: tuple[str, ...] = ("I03.bmp", "I04.bmp", "I06.bmp", "I08.bmp", "I19.bmp")
+
+
+def tid2013_photos() -> list[tuple[str, torch.Tensor]]:
+    """The five TID2013 reference photos pyiqa installs beside itself -> ``[(name, [3, H, W])]``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyiqa")
+    folder = Path(spec.origin).parents[1] / "ResultsCalibra" / "ref_dir" if spec and spec.origin else None
+    missing = [n for n in TID2013_PHOTOS if folder is None or not (folder / n).is_file()]
+    if missing:
+        raise InputError(f"--photos tid2013 needs the TID2013 reference photos pyiqa ships ({', '.join(missing)} "
+                         f"missing in {folder or 'site-packages/ResultsCalibra/ref_dir'}): "
+                         "pip install --no-deps pyiqa==0.1.16")
+    return [(f"tid2013:{n}", load_image(folder / n)) for n in TID2013_PHOTOS]
+
+
+#: Photo groups the benchmark can draw its test images from.
+PHOTO_SOURCES = {"held_out": lambda: clean_photos("held_out"), "tid2013": tid2013_photos}
+
+
 def held_out_crop(photos, rng: np.random.Generator) -> torch.Tensor:
     """A random 160..256 px crop of a held-out photo at a random scale, quantised to 8 bits."""
     _, p = photos[int(rng.integers(len(photos)))]
@@ -197,12 +226,12 @@ def held_out_crop(photos, rng: np.random.Generator) -> torch.Tensor:
     return (p[:, t:t + ch, l:l + cw].clamp(0, 1) * 255).round() / 255
 
 
-def make_sets(per_family: int, seed: int, with_synthetic: bool = True):
+def make_sets(per_family: int, seed: int, with_synthetic: bool = True, photos: str = "held_out"):
     """(synthetic, independent, mixtures): lists of (image, true label, true severity dict).
 
     ``with_synthetic=False`` skips the degrade.py sets (their crops are still drawn, so the
-    independent set is the same either way)."""
-    photos = clean_photos("held_out")
+    independent set is the same either way). ``photos``: a key of :data:`PHOTO_SOURCES`."""
+    photos = PHOTO_SOURCES[photos]()
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     synthetic, independent, mixtures = [], [], []
@@ -274,18 +303,21 @@ def main(argv=None) -> int:
     ap.add_argument("--per-family", type=int, default=60, help="test images per label and set")
     ap.add_argument("--perceiver", default=None, help="perceiver file (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--photos", choices=sorted(PHOTO_SOURCES), default="held_out",
+                    help="the held-out scikit-image photos, or the TID2013 references pyiqa ships")
     ap.add_argument("--json", default=None, help="also write the results as JSON")
     ap.add_argument("--tiny", action="store_true", help="6 images per family (a quick check)")
     a = ap.parse_args(argv)
     n = 6 if a.tiny else a.per_family
     perc = Perceiver.load(a.perceiver) if a.perceiver else Perceiver.builtin()
     t0 = time.perf_counter()
-    synthetic, independent, mixtures = make_sets(n, a.seed)
-    res = {"synthetic": evaluate(perc, synthetic), "independent": evaluate(perc, independent),
+    synthetic, independent, mixtures = make_sets(n, a.seed, photos=a.photos)
+    res = {"photos": a.photos, "synthetic": evaluate(perc, synthetic), "independent": evaluate(perc, independent),
            "mixtures": evaluate_mixtures(perc, mixtures), "per_family": n, "seed": a.seed,
            "perceiver": a.perceiver or "builtin", "seconds": round(time.perf_counter() - t0, 1)}
-    print(markdown("held-out photos, degrade.py (synthetic)", res["synthetic"]))
-    print(markdown("held-out photos, independent implementation", res["independent"]))
+    where = "held-out photos" if a.photos == "held_out" else "TID2013 photos"
+    print(markdown(f"{where}, degrade.py (synthetic)", res["synthetic"]))
+    print(markdown(f"{where}, independent implementation", res["independent"]))
     m = res["mixtures"]
     print(f"**mixtures of two families** ({m['n']} images): both detected {m['both_detected']:.1%}, top label among "
           f"the applied {m['top_label_applied']:.1%}, tier accuracy {m['tier_accuracy']:.1%}")

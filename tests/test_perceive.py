@@ -142,6 +142,28 @@ def test_independent_degradations_mostly_recognised():
     assert res["accuracy"] >= 0.6, res["per_family"]
 
 
+def test_benchmark_draws_from_the_tid2013_photos_pyiqa_ships(monkeypatch):
+    """``bench_perceive.py --photos tid2013``: the same crop recipe on the five TID2013 references (pyiqa is
+    installed by .ci/run); without them the error names the files, the folder and the pip command."""
+    import importlib.util
+
+    from bench_perceive import TID2013_PHOTOS, make_sets, tid2013_photos
+
+    if importlib.util.find_spec("pyiqa") is None:
+        pytest.skip("pyiqa is not installed (.ci/run installs it)")
+    photos = tid2013_photos()
+    assert [n for n, _ in photos] == [f"tid2013:{n}" for n in TID2013_PHOTOS]
+    assert all(tuple(p.shape) == (3, 384, 512) for _, p in photos)
+    tid, _, _ = make_sets(1, seed=7, with_synthetic=False, photos="tid2013")
+    old, _, _ = make_sets(1, seed=7, with_synthetic=False)
+    assert len(tid) == len(old) == len(LABELS)
+    assert all(160 <= min(x.shape[-2:]) and max(x.shape[-2:]) <= 256 for x, _, _ in tid)
+    assert not torch.equal(tid[0][0][:, :160, :160], old[0][0][:, :160, :160])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match="I03.bmp.*pip install --no-deps pyiqa"):
+        tid2013_photos()
+
+
 def test_bad_input_is_a_clear_error_and_odd_images_work(photo):
     p = Perceiver.builtin()
     with pytest.raises(InputError, match="too small"):
