@@ -14,13 +14,14 @@ scales, perceived through the same ``Perceiver.perceive`` path users run:
 ``--photos tid2013`` draws the same sets from a second, independent group of held-out photos: the five
 TID2013 reference images (Kodak scans, 512 x 384, uncompressed BMP) that pyiqa ships in its wheel
 (``site-packages/ResultsCalibra/ref_dir``; ``.ci/run`` installs pyiqa). None of them is used in training
-or in the development splits.
+or in the development splits. ``--photos DIR`` draws them from a folder of your own clean photos (for
+example the kind of content you restore), to see how the perceiver does on it.
 
 Reports family accuracy (top label == the applied family, or ``clean``), per-family accuracy, the
 confusion matrix, tier accuracy against the tier of the applied severity, and for mixtures how
 often both families are detected (probability >= 0.5). ``--tiny`` uses 6 images per family.
 
-    python bench/bench_perceive.py [--per-family 60] [--perceiver FILE] [--photos held_out|tid2013] [--json OUT] [--tiny]
+    python bench/bench_perceive.py [--per-family 60] [--perceiver FILE] [--photos held_out|tid2013|DIR] [--json OUT] [--tiny]
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from vbridge_core.errors import InputError  # noqa: E402
 from vbridge_core.images import load_image  # noqa: E402
 from vbridge_core.perceive.labels import FAMILIES, LABELS, TIERS, combined_severity, tier_of  # noqa: E402
 from vbridge_core.perceive.model import Perceiver  # noqa: E402
-from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
+from vbridge_core.perceive.synth import clean_photos, degrade_with, extra_photos  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +209,14 @@ def tid2013_photos() -> list[tuple[str, torch.Tensor]]:
     return [(f"tid2013:{n}", load_image(folder / n)) for n in TID2013_PHOTOS]
 
 
+def folder_photos(folder: str) -> list[tuple[str, torch.Tensor]]:
+    """Your own clean photos as a held-out group (``--photos DIR``): every image in ``folder``, >= 256 px a side
+    (the largest test crop)."""
+    if not Path(folder).is_dir():
+        raise InputError(f"--photos {folder!r} is neither {' nor '.join(PHOTO_SOURCES)} nor a folder of clean photos")
+    return extra_photos([folder], min_side=256)
+
+
 #: Photo groups the benchmark can draw its test images from.
 PHOTO_SOURCES = {"held_out": lambda: clean_photos("held_out"), "tid2013": tid2013_photos}
 
@@ -230,8 +239,9 @@ def make_sets(per_family: int, seed: int, with_synthetic: bool = True, photos: s
     """(synthetic, independent, mixtures): lists of (image, true label, true severity dict).
 
     ``with_synthetic=False`` skips the degrade.py sets (their crops are still drawn, so the
-    independent set is the same either way). ``photos``: a key of :data:`PHOTO_SOURCES`."""
-    photos = PHOTO_SOURCES[photos]()
+    independent set is the same either way). ``photos``: a key of :data:`PHOTO_SOURCES`, or a folder of
+    clean photos (each at least 256 px a side)."""
+    photos = PHOTO_SOURCES[photos]() if photos in PHOTO_SOURCES else folder_photos(photos)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     synthetic, independent, mixtures = [], [], []
@@ -303,8 +313,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-family", type=int, default=60, help="test images per label and set")
     ap.add_argument("--perceiver", default=None, help="perceiver file (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--photos", choices=sorted(PHOTO_SOURCES), default="held_out",
-                    help="the held-out scikit-image photos, or the TID2013 references pyiqa ships")
+    ap.add_argument("--photos", default="held_out", metavar="held_out|tid2013|DIR",
+                    help="the held-out scikit-image photos, the TID2013 references pyiqa ships, or a folder of "
+                    "your own clean photos (never used to train the perceiver you test)")
     ap.add_argument("--json", default=None, help="also write the results as JSON")
     ap.add_argument("--tiny", action="store_true", help="6 images per family (a quick check)")
     a = ap.parse_args(argv)
@@ -315,7 +326,7 @@ def main(argv=None) -> int:
     res = {"photos": a.photos, "synthetic": evaluate(perc, synthetic), "independent": evaluate(perc, independent),
            "mixtures": evaluate_mixtures(perc, mixtures), "per_family": n, "seed": a.seed,
            "perceiver": a.perceiver or "builtin", "seconds": round(time.perf_counter() - t0, 1)}
-    where = "held-out photos" if a.photos == "held_out" else "TID2013 photos"
+    where = {"held_out": "held-out photos", "tid2013": "TID2013 photos"}.get(a.photos, f"photos in {a.photos}")
     print(markdown(f"{where}, degrade.py (synthetic)", res["synthetic"]))
     print(markdown(f"{where}, independent implementation", res["independent"]))
     m = res["mixtures"]

@@ -142,12 +142,24 @@ def test_independent_degradations_mostly_recognised():
     assert res["accuracy"] >= 0.6, res["per_family"]
 
 
-def test_benchmark_draws_from_the_tid2013_photos_pyiqa_ships(monkeypatch):
-    """``bench_perceive.py --photos tid2013``: the same crop recipe on the five TID2013 references (pyiqa is
-    installed by .ci/run); without them the error names the files, the folder and the pip command."""
+def test_benchmark_draws_from_a_folder_or_the_tid2013_photos_pyiqa_ships(monkeypatch, tmp_path, photo):
+    """``bench_perceive.py --photos DIR|tid2013``: the same crop recipe on a folder of clean photos, or on the five
+    TID2013 references (pyiqa is installed by .ci/run); without them the error names the files, the folder and
+    the pip command."""
     import importlib.util
 
     from bench_perceive import TID2013_PHOTOS, make_sets, tid2013_photos
+    from vbridge_core.images import save_png
+
+    save_png(photo.repeat(1, 2, 2), tmp_path / "mine.png")
+    mine, _, _ = make_sets(1, seed=7, with_synthetic=False, photos=str(tmp_path))
+    assert len(mine) == len(LABELS) and mine[-1][1] == "clean"
+    assert all(160 <= min(x.shape[-2:]) and max(x.shape[-2:]) <= 256 for x, _, _ in mine)
+    save_png(photo, tmp_path / "small.png")  # 256 x 192: a test crop may need 256 px on both sides
+    with pytest.raises(InputError, match="small.png is 256x192 px"):
+        make_sets(1, seed=7, photos=str(tmp_path))
+    with pytest.raises(InputError, match="neither held_out nor tid2013 nor a folder"):
+        make_sets(1, seed=7, photos=str(tmp_path / "missing"))
 
     if importlib.util.find_spec("pyiqa") is None:
         pytest.skip("pyiqa is not installed (.ci/run installs it)")
@@ -283,6 +295,40 @@ def test_train_perceiver_builtin_small_run(tmp_path):
     assert main(["train-perceiver", "--out", str(out), "--probe-decision", "1"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--haze-offset", "nan"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--haze-offset", "11"]) == 2
+
+
+def test_train_perceiver_extra_photos_join_the_training_photos(tmp_path, photo, capsys):
+    """``train-perceiver --extra-photos``: the user's clean photos are sampled like the bundled ones and named in the
+    file's metadata; photos too small for a training crop, empty folders and the CLIP kind are clear errors."""
+    from vbridge_core.images import save_png
+    from vbridge_core.perceive.synth import clean_photos, extra_photos
+    from vbridge_core.perceive.train import build_training_set
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    save_png(photo, mine / "a.png")
+    save_png(photo.flip(-1)[:, :130, :140], mine / "b.png")
+    added = extra_photos([mine])
+    assert [n for n, _ in added] == ["extra:a.png", "extra:b.png"] and torch.equal(added[0][1], photo)
+    base = clean_photos("train")
+    f0, _ = build_training_set(48, seed=3, photos=base)
+    f1, _ = build_training_set(48, seed=3, photos=base + added)
+    f2, _ = build_training_set(48, seed=3, photos=added)
+    assert not torch.equal(f0, f1) and not torch.equal(f1, f2)
+    out = tmp_path / "x.safetensors"
+    assert main(["train-perceiver", "--out", str(out), "--samples", "200", "--epochs", "1", "--probe-epochs", "0",
+                 "--extra-photos", str(mine)]) == 0
+    info = Perceiver.load(out).info
+    assert info["extra_photos"] == ["a.png", "b.png"] and info["photos"].endswith("+ 2 extra photos")
+    save_png(photo[:, :100, :], mine / "c.png")
+    capsys.readouterr()
+    assert main(["train-perceiver", "--out", str(out), "--extra-photos", str(mine)]) == 2
+    assert "c.png is 256x100 px" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train-perceiver", "--out", str(out), "--extra-photos", str(tmp_path / "empty")]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--extra-photos", str(tmp_path / "nope.png")]) == 2
+    assert main(["train-perceiver", "--kind", "clip", "--out", str(out), "--extra-photos", str(mine)]) == 2
+    assert "--extra-photos is for the built-in perceiver" in capsys.readouterr().err
 
 
 def _feat(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -62,6 +62,10 @@ def add_perceive_parsers(sub) -> None:
                    help="(builtin) added to the fitted MLPs' haze logit, so weak or patchy haze is called haze "
                    "rather than clean (default 0, HAZE_LOGIT_OFFSET in vbridge_core/perceive/train.py: the shipped "
                    "file's; 4 found most missed haze but read clean flat sky as haze: bench/RESULTS.md)")
+    t.add_argument("--extra-photos", nargs="+", metavar="PATH", default=None,
+                   help="(builtin) your own clean photos (files or folders, each at least 128 px a side) added to "
+                   "the training photos, so content the bundled photos lack (architecture, fences, water, ...) "
+                   "is learned as clean; they must carry no visible degradation")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
@@ -169,12 +173,15 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
 
         recipe_opts = {"probe_epochs": a.probe_epochs, "hard_snow_share": a.hard_snow_share,
                        "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision,
-                       "haze_offset": a.haze_offset}
+                       "haze_offset": a.haze_offset, "extra": a.extra_photos}
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
                                 threads=a.threads,  # options not given keep train_builtin's defaults (the shipped recipe)
                                 **{k: v for k, v in recipe_opts.items() if v is not None})
         logger.info("built-in perceiver: %s", info)
         return 0
+    if a.extra_photos:
+        raise InputError("--extra-photos is for the built-in perceiver (--kind builtin); the CLIP perceiver learns "
+                         "clean from the HQ images of --tasks")
     if not a.clip_vision:
         raise InputError("--kind clip needs --clip-vision FILE (ComfyUI's models/clip_vision/clip_vision_h.safetensors "
                          "or a transformers CLIP vision folder)")

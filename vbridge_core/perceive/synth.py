@@ -75,6 +75,26 @@ def clean_photos(split: str = "train") -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def extra_photos(paths: Sequence[str | Path], min_side: int = 128) -> list[tuple[str, torch.Tensor]]:
+    """The user's own clean photos for training ``[(name, [3, H, W])]``: image files or folders of them.
+
+    Each must be at least ``min_side`` px on both sides (the largest training crop) and should be truly clean
+    (no visible noise, blur, compression, haze, rain or snow): the perceiver learns that what it sees in them
+    is ``clean``. Content the bundled photos lack (architecture, fences, water, ...) is what they add."""
+    from ..cli_common import collect_inputs
+    from ..images import load_image
+
+    out = []
+    for f in collect_inputs([str(p) for p in paths]):
+        x = load_image(f)
+        h, w = x.shape[-2:]
+        if min(h, w) < min_side:
+            raise InputError(f"photo {f} is {w}x{h} px: its crops need at least {min_side} px on each "
+                             "side; use a larger photo or leave it out")
+        out.append((f"extra:{f.name}", x))
+    return out
+
+
 #: Procedural clean scenes added to the training photos (:func:`procedural_photos`).
 PROCEDURAL_COUNT = 24
 

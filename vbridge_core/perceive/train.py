@@ -24,7 +24,7 @@ from ..errors import InputError
 from .features import FEATURE_VERSION, crop_features
 from .labels import FAMILIES, LABELS
 from .model import CROP, Perceiver, PerceiverNet, SnowProbe
-from .synth import PERCEPTIBLE, Sample, clean_photos, degrade_with, hard_snow, label_arrays, make_samples
+from .synth import PERCEPTIBLE, Sample, clean_photos, degrade_with, extra_photos, hard_snow, label_arrays, make_samples
 
 logger = logging.getLogger(__name__)
 
@@ -266,12 +266,14 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
                   hard_snow_share: float = HARD_SNOW_SHARE,
                   snow_pair_share: float = SNOW_PAIR_SHARE,
                   probe_decision: float = PROBE_DECISION,
-                  haze_offset: float = HAZE_LOGIT_OFFSET) -> tuple[Perceiver, dict[str, Any]]:
+                  haze_offset: float = HAZE_LOGIT_OFFSET,
+                  extra: Sequence[str | Path] = ()) -> tuple[Perceiver, dict[str, Any]]:
     """Train the built-in perceiver on degraded crops of the training photos and write it to ``out``.
 
     ``probe_epochs`` = 0 leaves the snow probe out (statistics only); ``hard_snow_share``,
     ``snow_pair_share`` and ``probe_decision`` are passed to :func:`fit_snow_probe`; ``haze_offset`` is
-    added to the fitted ensemble's haze logit (:func:`shift_label_logit`)."""
+    added to the fitted ensemble's haze logit (:func:`shift_label_logit`); ``extra``: clean photos (files
+    or folders, :func:`~vbridge_core.perceive.synth.extra_photos`) added to the training photos."""
     if count < 200:
         raise InputError(f"--samples must be at least 200 for a usable perceiver, got {count}")
     if probe_epochs < 0:
@@ -284,12 +286,13 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
         raise InputError(f"--probe-decision must be a probability strictly between 0 and 1, got {probe_decision}")
     if not -10.0 <= haze_offset <= 10.0:
         raise InputError(f"--haze-offset must be a logit shift in -10..10 (0 = as fitted), got {haze_offset}")
+    added = extra_photos(extra, min_side=max(TRAIN_SIZES)) if extra else []
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
     crops: Optional[list] = [] if probe_epochs else None
-    feats, targets = build_training_set(count, seed, progress=lambda d, n: logger.info("samples %d/%d", d, n),
-                                        crops=crops)
+    feats, targets = build_training_set(count, seed, photos=clean_photos("train") + added,
+                                        progress=lambda d, n: logger.info("samples %d/%d", d, n), crops=crops)
     t1 = time.perf_counter()
     net = shift_label_logit(fit_ensemble(feats, targets, seed=seed, members=members, epochs=epochs), "haze",
                             haze_offset)
@@ -308,7 +311,9 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
             "haze_logit_offset": haze_offset,
             "seconds_data": round(t1 - t0, 1), "seconds_fit": round(t2 - t1, 1),
             "seconds_probe": round(time.perf_counter() - t2, 1),
-            "photos": "scikit-image bundled photos (train split) + vbridge_core/assets/samples + procedural scenes",
+            "photos": "scikit-image bundled photos (train split) + vbridge_core/assets/samples + procedural scenes"
+                      + (f" + {len(added)} extra photos" if added else ""),
+            **({"extra_photos": [n.split(":", 1)[1] for n, _ in added]} if added else {}),
             "feature_version": FEATURE_VERSION}
     perc = Perceiver(net, info, probe)
     perc.save(out)
