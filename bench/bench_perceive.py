@@ -13,8 +13,9 @@ scales, perceived through the same ``Perceiver.perceive`` path users run:
 
 ``--photos tid2013`` draws the same sets from a second, independent group of held-out photos: the five
 TID2013 reference images (Kodak scans, 512 x 384, uncompressed BMP) that pyiqa ships in its wheel
-(``site-packages/ResultsCalibra/ref_dir``; ``.ci/run`` installs pyiqa). None of them is used in training
-or in the development splits. ``--photos DIR`` draws them from a folder of your own clean photos (for
+(``site-packages/ResultsCalibra/ref_dir``; ``.ci/run`` installs pyiqa). They are not in the development
+splits; since v6 the shipped perceiver trains on them (``bench/perceiver_photos.py``), so this group measures
+perceivers trained without them. ``--photos DIR`` draws them from a folder of your own clean photos (for
 example the kind of content you restore), to see how the perceiver does on it.
 
 Reports family accuracy (top label == the applied family, or ``clean``), per-family accuracy, the

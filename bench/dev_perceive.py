@@ -7,12 +7,13 @@ stone / leaf fields and brick; ``flat``: cell, moon and two procedural skies), t
 those four dev photos (160..256 px, the benchmark's crop recipe, none of its held-out photos) degraded by
 degrade.py and, with ``--independent``, by the benchmark's independent implementation
 (``bench_perceive.INDEPENDENT``). Writes per-image crop logits (and the snow probe's verdict) so post-hoc
-decisions (a ``clean`` or ``haze`` logit offset) can be scored without retraining.
+decisions (a ``clean`` or ``haze`` logit offset) can be scored without retraining. The shipped recipe
+since v6 adds ``--extra-photos DIR/tid2013 DIR/debian`` (``bench/perceiver_photos.py``); pass the same here.
 
     OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones|flat]
         [--per-family 48]
         [--samples 36000] [--hard-snow-share S] [--snow-pair-share S]
-        [--probe-decision D] [--haze-offset H] [--independent] [--tiny]
+        [--probe-decision D] [--haze-offset H] [--extra-photos PATH ...] [--independent] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean- and haze-logit offset
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from vbridge_core.perceive.features import crop_features  # noqa: E402
 from vbridge_core.perceive.labels import LABELS  # noqa: E402
 from vbridge_core.perceive.model import (grid_crops, order_snow_clean, prepare_image,  # noqa: E402
                                          snow_or_clean_first)
-from vbridge_core.perceive.synth import clean_photos, degrade_with  # noqa: E402
+from vbridge_core.perceive.synth import clean_photos, degrade_with, extra_photos  # noqa: E402
 from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, HAZE_LOGIT_OFFSET,  # noqa: E402
                                          PROBE_DECISION, PROBE_EPOCHS, SNOW_PAIR_SHARE, build_training_set,
                                          fit_ensemble, fit_snow_probe, shift_label_logit)
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
                     help="the probe says snow above this probability of its training mix")
     ap.add_argument("--haze-offset", type=float, default=HAZE_LOGIT_OFFSET,
                     help="added to the fitted MLPs' haze logit (the shipped recipe's HAZE_LOGIT_OFFSET by default)")
+    ap.add_argument("--extra-photos", nargs="+", metavar="PATH", default=None,
+                    help="clean photos added to the training photos, as train-perceiver --extra-photos")
     ap.add_argument("--independent", action="store_true",
                     help="also perceive the split's photos degraded by the benchmark's independent implementation")
     ap.add_argument("--split", choices=sorted(DEV_SPLITS), default="photos",
@@ -186,6 +189,7 @@ def main(argv=None) -> int:
         sets.append(("ind_", dev_independent_set(a.per_family, split=a.split)))
     t0 = time.perf_counter()
     photos = [(n, p) for n, p in _training_photos() if n not in DEV_SPLITS[a.split]]
+    photos += extra_photos(a.extra_photos) if a.extra_photos else []
     crops: list | None = [] if a.probe_epochs else None
     feats, targets = build_training_set(a.samples, a.seed, photos=photos, crops=crops)
     t1 = time.perf_counter()

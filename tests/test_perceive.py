@@ -58,10 +58,15 @@ def test_shipped_perceiver_is_small_and_loads():
     assert p.probe is not None and p.info.get("snow_probe_epochs", 0) >= 1
     from vbridge_core.perceive import train
 
-    # the shipped file is what the default recipe makes (README: train-perceiver with no options reproduces it)
+    # the shipped file is the default recipe plus bench/perceiver_photos.py's photos (README:
+    # train-perceiver --extra-photos DIR/tid2013 DIR/debian reproduces it)
     assert (p.info["snow_probe_pair_share"], p.info["snow_probe_decision"], p.info["snow_probe_hard_share"],
             p.info["haze_logit_offset"]) == \
         (train.SNOW_PAIR_SHARE, train.PROBE_DECISION, train.HARD_SNOW_SHARE, train.HAZE_LOGIT_OFFSET)
+    from bench_perceive import TID2013_PHOTOS
+    from perceiver_photos import DEBIAN_PHOTOS
+
+    assert p.info["extra_photos"] == [*TID2013_PHOTOS, *DEBIAN_PHOTOS]
 
 
 def _with_probe_bias(p: Perceiver, bias: float) -> Perceiver:

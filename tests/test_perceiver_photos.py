@@ -1,0 +1,72 @@
+"""bench/perceiver_photos.py: the extra clean photos of the shipped perceiver's recipe, built from .deb files and pyiqa.
+
+The real Debian wallpaper packages are tens of MB and need the network, so the test builds two small .deb
+files with the same package names and file paths (real .deb archives, made by dpkg-deb) holding small JPEGs,
+and runs the script's own extraction, downscaling, copying and checking on them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from vbridge_core.errors import InputError  # noqa: E402
+from vbridge_core.images import load_image  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian/Ubuntu)")
+
+
+def _fake_debs(folder: Path) -> dict[str, torch.Tensor]:
+    """Two .deb files named and laid out like the real packages; returns inner path -> the JPEG as decoded."""
+    from PIL import Image
+
+    from perceiver_photos import DEBIAN_PHOTOS, DEBIAN_VERSIONS
+
+    g = torch.Generator().manual_seed(0)
+    decoded = {}
+    for pkg, version in DEBIAN_VERSIONS.items():
+        root = folder / f"build-{pkg}"
+        (root / "DEBIAN").mkdir(parents=True)
+        (root / "DEBIAN" / "control").write_text(f"Package: {pkg}\nVersion: {version}\nArchitecture: all\n"
+                                                 "Maintainer: test <test@example.org>\nDescription: test\n")
+        for _, (p, inner) in DEBIAN_PHOTOS.items():
+            if p != pkg:
+                continue
+            (root / inner).parent.mkdir(parents=True, exist_ok=True)
+            px = (torch.rand(3, 40, 64, generator=g) * 255).byte().permute(1, 2, 0).numpy()
+            Image.fromarray(px).save(root / inner, quality=95)
+            decoded[inner] = load_image(root / inner)
+        deb = folder / f"{pkg}_{version.replace(':', '%3a')}_all.deb"
+        subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True,
+                       capture_output=True)
+        shutil.rmtree(root)
+    return decoded
+
+
+def test_debian_photos_are_extracted_and_area_downscaled(tmp_path):
+    from perceiver_photos import DEBIAN_PHOTOS, DOWNSCALE, check, debian_photos
+
+    decoded = _fake_debs(tmp_path / "debs")
+    written = debian_photos(tmp_path / "out" / "debian", tmp_path / "debs")
+    assert [p.name for p in written] == list(DEBIAN_PHOTOS)
+    for p in written:
+        want = F.interpolate(decoded[DEBIAN_PHOTOS[p.name][1]][None], size=(40 // DOWNSCALE, 64 // DOWNSCALE),
+                             mode="area")[0]
+        got = load_image(p)
+        assert got.shape == (3, 10, 16) and (got - want).abs().max() <= 0.5 / 255 + 1e-6
+    if importlib.util.find_spec("pyiqa") is not None:
+        from perceiver_photos import copy_tid2013
+
+        copy_tid2013(tmp_path / "out" / "tid2013")
+        assert check(tmp_path / "out") == len(DEBIAN_PHOTOS)  # the TID2013 copies match, the fake photos do not
+    with pytest.raises(InputError, match="no plasma-workspace-wallpapers_.*deb there"):
+        (tmp_path / "debs" / next((tmp_path / "debs").glob("plasma*.deb")).name).unlink()
+        debian_photos(tmp_path / "again", tmp_path / "debs")
