@@ -196,17 +196,23 @@ def independent_degrade(x: torch.Tensor, family: str, rng: np.random.Generator) 
 TID2013_PHOTOS: tuple[str, ...] = ("I03.bmp", "I04.bmp", "I06.bmp", "I08.bmp", "I19.bmp")
 
 
-def tid2013_photos() -> list[tuple[str, torch.Tensor]]:
-    """The five TID2013 reference photos pyiqa installs beside itself -> ``[(name, [3, H, W])]``."""
+def tid2013_folder() -> Path:
+    """Where pyiqa keeps the five TID2013 reference photos (``site-packages/ResultsCalibra/ref_dir``), checked."""
     import importlib.util
 
     spec = importlib.util.find_spec("pyiqa")
     folder = Path(spec.origin).parents[1] / "ResultsCalibra" / "ref_dir" if spec and spec.origin else None
     missing = [n for n in TID2013_PHOTOS if folder is None or not (folder / n).is_file()]
     if missing:
-        raise InputError(f"--photos tid2013 needs the TID2013 reference photos pyiqa ships ({', '.join(missing)} "
+        raise InputError(f"the TID2013 reference photos pyiqa ships are needed ({', '.join(missing)} "
                          f"missing in {folder or 'site-packages/ResultsCalibra/ref_dir'}): "
                          "pip install --no-deps pyiqa==0.1.16")
+    return folder
+
+
+def tid2013_photos() -> list[tuple[str, torch.Tensor]]:
+    """The five TID2013 reference photos pyiqa installs beside itself -> ``[(name, [3, H, W])]``."""
+    folder = tid2013_folder()
     return [(f"tid2013:{n}", load_image(folder / n)) for n in TID2013_PHOTOS]
 
 

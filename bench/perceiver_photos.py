@@ -70,12 +70,9 @@ def _sha256(path: Path) -> str:
 def copy_tid2013(out: Path) -> list[Path]:
     """Copy pyiqa's five TID2013 reference photos into ``out`` (byte for byte)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_perceive import TID2013_PHOTOS, tid2013_photos
+    from bench_perceive import TID2013_PHOTOS, tid2013_folder
 
-    tid2013_photos()  # clear error when pyiqa or a photo is missing
-    import importlib.util
-
-    src = Path(importlib.util.find_spec("pyiqa").origin).parents[1] / "ResultsCalibra" / "ref_dir"
+    src = tid2013_folder()
     out.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copyfile(src / n, out / n)) for n in TID2013_PHOTOS]
 

@@ -65,7 +65,8 @@ def add_perceive_parsers(sub) -> None:
     t.add_argument("--extra-photos", nargs="+", metavar="PATH", default=None,
                    help="(builtin) your own clean photos (files or folders, each at least 128 px a side) added to "
                    "the training photos, so content the bundled photos lack (architecture, fences, water, ...) "
-                   "is learned as clean; they must carry no visible degradation")
+                   "is learned as clean; they must carry no visible degradation (the shipped file: the nine photos of "
+                   "bench/perceiver_photos.py)")
     t.add_argument("--steps", type=int, default=300, help="(clip) prompt-learning steps")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
@@ -175,7 +176,7 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
                        "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision,
                        "haze_offset": a.haze_offset, "extra": a.extra_photos}
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
-                                threads=a.threads,  # options not given keep train_builtin's defaults (the shipped recipe)
+                                threads=a.threads,  # options not given keep train_builtin's defaults
                                 **{k: v for k, v in recipe_opts.items() if v is not None})
         logger.info("built-in perceiver: %s", info)
         return 0

@@ -5,7 +5,8 @@ Steps: draw degraded crops from the training photos (:mod:`.synth`), compute the
 plus squared errors on severity and quality, average them in one :class:`.model.PerceiverNet`, fit the
 snow probe (:func:`fit_snow_probe`) on the crops that are clean or carry snow alone, and write the
 safetensors file. The shipped ``perceiver.safetensors`` comes from ``train_builtin(seed=0)`` with the
-defaults (36000 crops; 12-15 minutes on a 2-core machine; the probe trains on up to 4 threads).
+defaults (36000 crops; 12-15 minutes on a 2-core machine; the probe trains on up to 4 threads) and
+``extra=[DIR/tid2013, DIR/debian]``, the nine photos ``bench/perceiver_photos.py --out DIR`` writes.
 """
 from __future__ import annotations
 
