@@ -213,7 +213,8 @@ class TrainPerceiver:
     DESCRIPTION = (
         "Trains a perceiver for 'V-Bridge Perceive' / 'V-Bridge Auto Restore' and writes it to "
         "models/vbridge_perceivers. builtin: image statistics + a small network, trained on scikit-image's "
-        "photos degraded with random noise/blur/JPEG/haze/low-light/rain/snow (a few minutes on a CPU). clip: "
+        "photos degraded with random noise/blur/JPEG/haze/low-light/rain/snow (a few minutes on a CPU; connect "
+        "'pairs' and their HQ images join those photos, so content like yours is learned as clean). clip: "
         "learns degradation and quality-tier prompts in the space of the connected CLIP vision model, from your "
         "own task folders (connect 'pairs' from Load Image Pairs with task subfolders such as denoise/, derain/) "
         "or, without pairs, from degraded photos.")
@@ -243,7 +244,9 @@ class TrainPerceiver:
             "optional": {
                 "pairs": ("VBRIDGE_PAIRS", {"tooltip": (
                     "(clip) Task folders from 'V-Bridge Load Image Pairs': each task's LQ images teach the "
-                    "degradation its folder name says (denoise, deblur, dejpeg, dehaze, low_light, derain, desnow).")}),
+                    "degradation its folder name says (denoise, deblur, dejpeg, dehaze, low_light, derain, desnow). "
+                    "(builtin) Their HQ images join the training photos as clean content, so photos like yours are "
+                    "not misread (each at least 128 px a side).")}),
                 **_clip_input(),
             },
         }
@@ -261,7 +264,8 @@ class TrainPerceiver:
         if kind == "builtin":
             from vbridge_core.perceive.train import train_builtin
 
-            _, info = train_builtin(out, seed=seed, count=samples)
+            extra = [item.hq_path for item in pairs] if pairs is not None else []
+            _, info = train_builtin(out, seed=seed, count=samples, extra=extra)
             return str(out), json.dumps(info)
         if clip_vision is None:
             raise InputError("kind clip needs 'clip_vision' connected (Load CLIP Vision, e.g. clip_vision_h.safetensors)")

@@ -114,3 +114,33 @@ def test_train_perceiver_node_clip_and_use_it(models_root, batch):
         with pytest.raises(IE, match="folders"):
             call_node("TrainPerceiver", inference_mode=False, kind="clip", output_name="../x", samples=60, steps=5,
                       seed=0, clip_vision=clip)
+
+
+def test_train_perceiver_node_builtin_learns_the_hq_images_of_connected_pairs(models_root, tmp_path, batch):
+    """kind builtin with pairs connected: every HQ image joins the training photos (train-perceiver --extra-photos);
+    two task folders may hold HQ files of the same name; an HQ image too small for a crop is a clear error."""
+    from tiny_files import procedural_photo
+    from vbridge_core.degrade import gaussian_noise
+    from vbridge_core.images import save_png
+    from vbridge_core.perceive.model import Perceiver
+
+    for t in ("denoise", "deblur"):
+        for i in range(2):
+            hq = procedural_photo(3 * i + len(t), size=160)
+            save_png(hq, tmp_path / "pairs" / t / "hq" / f"p{i}.png")
+            save_png(gaussian_noise(hq, i, sigma=0.1), tmp_path / "pairs" / t / "lq" / f"p{i}.png")
+    (pairs, _, _) = call_node("LoadImagePairs", folder=str(tmp_path / "pairs"))
+    with models_dir(models_root):
+        path, info = call_node("TrainPerceiver", inference_mode=False, kind="builtin", output_name="mine_builtin",
+                               samples=200, steps=10, seed=0, pairs=pairs)
+        info = json.loads(info)
+        assert info["extra_photos"] == ["p0.png", "p1.png", "p0.png", "p1.png"] and info["samples"] == 200
+        assert Perceiver.load(path).info == info
+        _, labels, _, _, _ = call_node("PerceiveImage", image=batch, perceiver="mine_builtin.safetensors")
+        assert len(labels) == 2
+        save_png(procedural_photo(9, size=96), tmp_path / "pairs" / "deblur" / "hq" / "p9.png")
+        save_png(procedural_photo(9, size=96), tmp_path / "pairs" / "deblur" / "lq" / "p9.png")
+        (pairs, _, _) = call_node("LoadImagePairs", folder=str(tmp_path / "pairs"))
+        with pytest.raises(InputError, match="p9.png is 96x96 px.*at least 128 px"):
+            call_node("TrainPerceiver", inference_mode=False, kind="builtin", output_name="x", samples=200, steps=10,
+                      seed=0, pairs=pairs)

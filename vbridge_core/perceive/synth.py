@@ -85,7 +85,7 @@ def extra_photos(paths: Sequence[str | Path], min_side: int = 128) -> list[tuple
     from ..images import load_image
 
     out = []
-    for f in collect_inputs([str(p) for p in paths]):
+    for f in (f for p in paths for f in collect_inputs([str(p)])):  # one by one: two folders may share file names
         x = load_image(f)
         h, w = x.shape[-2:]
         if min(h, w) < min_side:
