@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         sets.append(("ind_", dev_independent_set(a.per_family, split=a.split)))
     t0 = time.perf_counter()
     photos = [(n, p) for n, p in _training_photos() if n not in DEV_SPLITS[a.split]]
-    photos += extra_photos(a.extra_photos) if a.extra_photos else []
+    photos += extra_photos(a.extra_photos or [])
     crops: list | None = [] if a.probe_epochs else None
     feats, targets = build_training_set(a.samples, a.seed, photos=photos, crops=crops)
     t1 = time.perf_counter()

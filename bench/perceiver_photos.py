@@ -32,7 +32,9 @@ from pathlib import Path
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_perceive import TID2013_PHOTOS, tid2013_folder  # noqa: E402
 from vbridge_core.errors import InputError  # noqa: E402
 from vbridge_core.images import load_image, save_png  # noqa: E402
 
@@ -69,9 +71,6 @@ def _sha256(path: Path) -> str:
 
 def copy_tid2013(out: Path) -> list[Path]:
     """Copy pyiqa's five TID2013 reference photos into ``out`` (byte for byte)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_perceive import TID2013_PHOTOS, tid2013_folder
-
     src = tid2013_folder()
     out.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copyfile(src / n, out / n)) for n in TID2013_PHOTOS]

@@ -287,7 +287,7 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
         raise InputError(f"--probe-decision must be a probability strictly between 0 and 1, got {probe_decision}")
     if not -10.0 <= haze_offset <= 10.0:
         raise InputError(f"--haze-offset must be a logit shift in -10..10 (0 = as fitted), got {haze_offset}")
-    added = extra_photos(extra, min_side=max(TRAIN_SIZES)) if extra else []
+    added = extra_photos(extra, min_side=max(TRAIN_SIZES))
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
