@@ -33,6 +33,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from vbridge_core.errors import InputError  # noqa: E402
 from vbridge_core.images import load_image  # noqa: E402
 from vbridge_core.perceive.labels import FAMILIES, LABELS, TIERS, combined_severity, tier_of  # noqa: E402
 from vbridge_core.perceive.model import Perceiver  # noqa: E402
-from vbridge_core.perceive.synth import clean_photos, degrade_with, extra_photos  # noqa: E402
+from vbridge_core.perceive.synth import PERCEPTIBLE, clean_photos, degrade_with, extra_photos  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,12 +243,15 @@ def held_out_crop(photos, rng: np.random.Generator) -> torch.Tensor:
     return (p[:, t:t + ch, l:l + cw].clamp(0, 1) * 255).round() / 255
 
 
-def make_sets(per_family: int, seed: int, with_synthetic: bool = True, photos: str = "held_out"):
+def make_sets(per_family: int, seed: int, with_synthetic: bool = True, photos: str = "held_out",
+              invisible: Optional[list] = None):
     """(synthetic, independent, mixtures): lists of (image, true label, true severity dict).
 
     ``with_synthetic=False`` skips the degrade.py sets (their crops are still drawn, so the
     independent set is the same either way). ``photos``: a key of :data:`PHOTO_SOURCES`, or a folder of
-    clean photos (each at least 256 px a side)."""
+    clean photos (each at least 256 px a side). ``invisible``: a list that gets, per synthetic image, whether
+    its degradation is one the training calls invisible (severity below ``PERCEPTIBLE``, or a rain/snow overlay
+    that changed too few pixels): the label stays the applied family, :func:`evaluate` reports both."""
     photos = PHOTO_SOURCES[photos]() if photos in PHOTO_SOURCES else folder_photos(photos)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -257,13 +261,19 @@ def make_sets(per_family: int, seed: int, with_synthetic: bool = True, photos: s
             x = held_out_crop(photos, rng)
             if lab == "clean":
                 synthetic.append((x, "clean", {}))
+                if invisible is not None:
+                    invisible.append(False)
                 independent.append((held_out_crop(photos, rng), "clean", {}))
                 continue
             if with_synthetic:
                 s = degrade_with(x, [lab], seed * 100_003 + len(synthetic), gen)
                 synthetic.append((s.image, lab, s.severity))
+                if invisible is not None:
+                    invisible.append(s.severity[lab] < PERCEPTIBLE or lab in s.hidden)
             else:
                 synthetic.append((x, lab, {}))
+                if invisible is not None:
+                    invisible.append(False)
             yi, sev = independent_degrade(held_out_crop(photos, rng), lab, rng)
             independent.append((yi, lab, {lab: sev}))
     for i in range(per_family * 2 if with_synthetic else 0):
@@ -274,8 +284,11 @@ def make_sets(per_family: int, seed: int, with_synthetic: bool = True, photos: s
     return synthetic, independent, mixtures
 
 
-def evaluate(perceiver: Perceiver, items) -> dict:
-    """Accuracy, per-family accuracy, confusion matrix and tier accuracy of single-label items."""
+def evaluate(perceiver: Perceiver, items, invisible: Optional[Sequence[bool]] = None) -> dict:
+    """Accuracy, per-family accuracy, confusion matrix and tier accuracy of single-label items.
+
+    With ``invisible`` (from :func:`make_sets`), also ``visible_accuracy``: the accuracy without the images
+    whose degradation the training would call invisible, and how many those are."""
     reps = perceiver.perceive([x for x, _, _ in items])
     conf = np.zeros((len(LABELS), len(LABELS)), int)
     tier_ok = 0
@@ -287,10 +300,16 @@ def evaluate(perceiver: Perceiver, items) -> dict:
         tier_ok += r.quality == t_true
     per = {lab: float(conf[i, i] / max(1, conf[i].sum())) for i, lab in enumerate(LABELS)}
     deg = [i for i, lab in enumerate(LABELS) if lab != "clean"]
-    return {"accuracy": float(np.trace(conf) / conf.sum()),
-            "degraded_accuracy": float(sum(conf[i, i] for i in deg) / conf[deg].sum()),
-            "per_family": per, "confusion": conf.tolist(), "tier_accuracy": float(tier_ok / len(items)),
-            "tier_confusion": tier_conf.tolist(), "n": len(items)}
+    res = {"accuracy": float(np.trace(conf) / conf.sum()),
+           "degraded_accuracy": float(sum(conf[i, i] for i in deg) / conf[deg].sum()),
+           "per_family": per, "confusion": conf.tolist(), "tier_accuracy": float(tier_ok / len(items)),
+           "tier_confusion": tier_conf.tolist(), "n": len(items)}
+    if invisible is not None:
+        ok = [r.degradation == lab for r, (_, lab, _) in zip(reps, items)]
+        seen = [o for o, inv in zip(ok, invisible) if not inv]
+        res["visible_accuracy"] = float(sum(seen) / len(seen))
+        res["n_invisible"] = len(ok) - len(seen)
+    return res
 
 
 def evaluate_mixtures(perceiver: Perceiver, items) -> dict:
@@ -329,12 +348,17 @@ def main(argv=None) -> int:
     n = 6 if a.tiny else a.per_family
     perc = Perceiver.load(a.perceiver) if a.perceiver else Perceiver.builtin()
     t0 = time.perf_counter()
-    synthetic, independent, mixtures = make_sets(n, a.seed, photos=a.photos)
-    res = {"photos": a.photos, "synthetic": evaluate(perc, synthetic), "independent": evaluate(perc, independent),
+    invisible: list[bool] = []
+    synthetic, independent, mixtures = make_sets(n, a.seed, photos=a.photos, invisible=invisible)
+    res = {"photos": a.photos, "synthetic": evaluate(perc, synthetic, invisible),
+           "independent": evaluate(perc, independent),
            "mixtures": evaluate_mixtures(perc, mixtures), "per_family": n, "seed": a.seed,
            "perceiver": a.perceiver or "builtin", "seconds": round(time.perf_counter() - t0, 1)}
     where = {"held_out": "held-out photos", "tid2013": "TID2013 photos"}.get(a.photos, f"photos in {a.photos}")
     print(markdown(f"{where}, degrade.py (synthetic)", res["synthetic"]))
+    syn = res["synthetic"]
+    print(f"(leaving out the {syn['n_invisible']} images whose degradation the training calls invisible: "
+          f"{syn['visible_accuracy']:.1%})\n")
     print(markdown(f"{where}, independent implementation", res["independent"]))
     m = res["mixtures"]
     print(f"**mixtures of two families** ({m['n']} images): both detected {m['both_detected']:.1%}, top label among "

@@ -147,6 +147,31 @@ def test_independent_degradations_mostly_recognised():
     assert res["accuracy"] >= 0.6, res["per_family"]
 
 
+def test_benchmark_reports_accuracy_without_the_images_the_training_calls_invisible():
+    """``bench_perceive.py`` keeps the applied family as the label of every synthetic image, and also reports
+    the accuracy without those whose degradation the training labels clean (too weak, or an overlay that
+    changed too few pixels), so a reader sees how much of the miss is such images."""
+    from bench_perceive import evaluate, make_sets
+    from vbridge_core.perceive.synth import PERCEPTIBLE
+
+    invisible: list = []
+    synthetic, _, _ = make_sets(3, seed=7, invisible=invisible)
+    assert len(invisible) == len(synthetic) == 3 * len(LABELS)
+    for (_, lab, sev), inv in zip(synthetic, invisible):
+        assert not (lab == "clean" and inv)
+        if lab != "clean" and sev[lab] < PERCEPTIBLE:
+            assert inv
+    items = synthetic[:8]
+    reps = Perceiver.builtin().perceive([x for x, _, _ in items])
+    ok = [r.degradation == lab for r, (_, lab, _) in zip(reps, items)]
+    mask = [i % 3 == 0 for i in range(len(items))]  # any mask: evaluate must leave out exactly those
+    res = evaluate(Perceiver.builtin(), items, mask)
+    assert res["n_invisible"] == sum(mask) and res["accuracy"] == pytest.approx(sum(ok) / len(ok))
+    kept = [o for o, m in zip(ok, mask) if not m]
+    assert res["visible_accuracy"] == pytest.approx(sum(kept) / len(kept))
+    assert "visible_accuracy" not in evaluate(Perceiver.builtin(), items)
+
+
 def test_benchmark_draws_from_a_folder_or_the_tid2013_photos_pyiqa_ships(monkeypatch, tmp_path, photo):
     """``bench_perceive.py --photos DIR|tid2013``: the same crop recipe on a folder of clean photos, or on the five
     TID2013 references (pyiqa is installed by .ci/run); without them the error names the files, the folder and
