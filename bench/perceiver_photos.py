@@ -65,13 +65,13 @@ DOWNSCALE = 4
 _PLASMA = "usr/share/wallpapers/{}/contents/images/2560x1600.jpg"
 #: The unseen groups from .deb files: output -> (package, file inside it, downscale factor).
 TEST_PHOTOS: dict[str, tuple[str, str, int]] = {
-    "deb-test/ColorfulCups.png": ("plasma-workspace-wallpapers", _PLASMA.format("ColorfulCups"), 4),
-    "deb-test/Grey.png": ("plasma-workspace-wallpapers", _PLASMA.format("Grey"), 4),
-    "deb-test/OneStandsOut.png": ("plasma-workspace-wallpapers", _PLASMA.format("OneStandsOut"), 4),
-    "deb-test/Wood.png": ("mate-backgrounds", "usr/share/backgrounds/mate/nature/Wood.jpg", 4),
+    "deb-test/ColorfulCups.png": ("plasma-workspace-wallpapers", _PLASMA.format("ColorfulCups"), DOWNSCALE),
+    "deb-test/Grey.png": ("plasma-workspace-wallpapers", _PLASMA.format("Grey"), DOWNSCALE),
+    "deb-test/OneStandsOut.png": ("plasma-workspace-wallpapers", _PLASMA.format("OneStandsOut"), DOWNSCALE),
+    "deb-test/Wood.png": ("mate-backgrounds", "usr/share/backgrounds/mate/nature/Wood.jpg", DOWNSCALE),
     **{f"cv-test/{n}.png": ("opencv-doc", f"usr/share/doc/opencv-doc/examples/data/{n}.jpg", 2)
        for n in ("apple", "building", "ela_original", "leuvenA")},
-    **{f"lom-test/{n.split('_by_')[0]}.png": ("lomiri-wallpapers-16.04", f"usr/share/backgrounds/{n}.jpg", 4)
+    **{f"lom-test/{n.split('_by_')[0]}.png": ("lomiri-wallpapers-16.04", f"usr/share/backgrounds/{n}.jpg", DOWNSCALE)
        for n in ("Dragonfly_by_Bolly", "Picture_1A_by_freespace", "aitzgorri_by_Aitzol_Berasategi",
                  "greentock_by_Peter_Nerlich", "picosdeeuropa_by_Aitzol_Berasategi")},
 }
