@@ -77,22 +77,19 @@ TEST_PHOTOS: dict[str, tuple[str, str, int]] = {
        for n in ("Dragonfly_by_Bolly", "Picture_1A_by_freespace", "aitzgorri_by_Aitzol_Berasategi",
                  "greentock_by_Peter_Nerlich", "picosdeeuropa_by_Aitzol_Berasategi")},
 }
-_MATE = "usr/share/backgrounds/ubuntu-mate-photos/{}.jpg"
-_UBU = "usr/share/backgrounds/{}.jpg"
+#: ubu-test: photo names per Ubuntu package (all in usr/share/backgrounds/, the MATE ones in ubuntu-mate-photos/).
+_UBUNTU_TEST: dict[str, tuple[str, ...]] = {
+    "ubuntu-mate-wallpapers-photos": ("johann-siemens-591", "tommy-lisbin-189189"),
+    "ubuntu-wallpapers-bionic": ("El_Haouaria_by_Nusi_Nusi", "Manhattan_Sunset_by_Giacomo_Ferroni",
+                                 "Spices_in_Athens_by_Makis_Chourdakis"),
+    "ubuntu-wallpapers-cosmic": ("Black_sand_beach_by_Mads_Rosendahl", "Image_of_Mount_Parnassus_by_simosx"),
+    "ubuntu-wallpapers-disco": ("Capucijnengang_by_Artem_Kavalerov", "Staniel_Cay_by_Joseph_Bylund"),
+    "ubuntu-wallpapers-focal": ("brad-huchteman-stone-mountain", "ryan-stone-skykomish-river"),
+}
 TEST_PHOTOS.update({
-    f"ubu-test/{n.split('_by_')[0]}.png": (pkg, (_MATE if pkg == "ubuntu-mate-wallpapers-photos" else _UBU).format(n),
-                                           DOWNSCALE)
-    for pkg, n in (("ubuntu-mate-wallpapers-photos", "johann-siemens-591"),
-                   ("ubuntu-mate-wallpapers-photos", "tommy-lisbin-189189"),
-                   ("ubuntu-wallpapers-bionic", "El_Haouaria_by_Nusi_Nusi"),
-                   ("ubuntu-wallpapers-bionic", "Manhattan_Sunset_by_Giacomo_Ferroni"),
-                   ("ubuntu-wallpapers-bionic", "Spices_in_Athens_by_Makis_Chourdakis"),
-                   ("ubuntu-wallpapers-cosmic", "Black_sand_beach_by_Mads_Rosendahl"),
-                   ("ubuntu-wallpapers-cosmic", "Image_of_Mount_Parnassus_by_simosx"),
-                   ("ubuntu-wallpapers-disco", "Capucijnengang_by_Artem_Kavalerov"),
-                   ("ubuntu-wallpapers-disco", "Staniel_Cay_by_Joseph_Bylund"),
-                   ("ubuntu-wallpapers-focal", "brad-huchteman-stone-mountain"),
-                   ("ubuntu-wallpapers-focal", "ryan-stone-skykomish-river"))})
+    f"ubu-test/{n.split('_by_')[0]}.png":
+        (pkg, f"usr/share/backgrounds/{'ubuntu-mate-photos/' if 'mate' in pkg else ''}{n}.jpg", DOWNSCALE)
+    for pkg, names in _UBUNTU_TEST.items() for n in names})
 #: Ubuntu 22.04 (jammy) universe packages, which apt on Debian does not list: fetched from :data:`UBUNTU_ARCHIVE`
 #: by pool path and checked against the SHA-256 of the archive's Packages index.
 UBUNTU_ARCHIVE = "http://archive.ubuntu.com/ubuntu/"
@@ -100,7 +97,8 @@ UBUNTU_DEBS: dict[str, tuple[str, str]] = {
     "ubuntu-mate-wallpapers-photos": (
         "pool/universe/u/ubuntu-mate-artwork/ubuntu-mate-wallpapers-photos_22.04.17_all.deb",
         "46895c57eba133f259d3902681cbee231d94a4a49ca41b5d5b1575d636a24504"),
-    **{f"ubuntu-wallpapers-{r}": (f"pool/universe/u/ubuntu-wallpapers/ubuntu-wallpapers-{r}_22.04.4-0ubuntu1_all.deb", h)
+    **{f"ubuntu-wallpapers-{r}":
+       (f"pool/universe/u/ubuntu-wallpapers/ubuntu-wallpapers-{r}_22.04.4-0ubuntu1_all.deb", h)
        for r, h in (("bionic", "98d827a3684f8075f19adf3c338fd41fba264a8cdd9c7a2d5e57b2d14d8e42f9"),
                     ("cosmic", "b62b4d7f7946480e46c601dd9f45cd898d98c6f900357850acb067e65d374dd6"),
                     ("disco", "2695820dbac0f0cc39c8b8b64912cf1ffd7e87290132a7be08e30b0d59a279e9"),
@@ -108,8 +106,7 @@ UBUNTU_DEBS: dict[str, tuple[str, str]] = {
 }
 #: The package versions the groups were read from (Debian 12; Ubuntu 22.04 for the ubuntu-* ones).
 TEST_VERSIONS = {**DEBIAN_VERSIONS, "opencv-doc": "4.6.0+dfsg-12", "lomiri-wallpapers-16.04": "20.04.0-2",
-                 "ubuntu-mate-wallpapers-photos": "22.04.17",
-                 **{f"ubuntu-wallpapers-{r}": "22.04.4-0ubuntu1" for r in ("bionic", "cosmic", "disco", "focal")}}
+                 **{pkg: pool.rsplit("/", 1)[1].split("_")[1] for pkg, (pool, _) in UBUNTU_DEBS.items()}}
 #: The pip group: output -> (wheel requirement, file inside the wheel), copied byte for byte.
 PIP_TEST_PHOTOS: dict[str, tuple[str, str]] = {
     "pip/tower.jpg": ("gradio==6.31.0", "gradio/media_assets/images/tower.jpg"),
