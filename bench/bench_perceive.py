@@ -256,26 +256,25 @@ def make_sets(per_family: int, seed: int, with_synthetic: bool = True, photos: s
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     synthetic, independent, mixtures = [], [], []
+    hidden: list[bool] = []
     for lab in LABELS:
         for i in range(per_family):
             x = held_out_crop(photos, rng)
+            hidden.append(False)
             if lab == "clean":
                 synthetic.append((x, "clean", {}))
-                if invisible is not None:
-                    invisible.append(False)
                 independent.append((held_out_crop(photos, rng), "clean", {}))
                 continue
             if with_synthetic:
                 s = degrade_with(x, [lab], seed * 100_003 + len(synthetic), gen)
                 synthetic.append((s.image, lab, s.severity))
-                if invisible is not None:
-                    invisible.append(s.severity[lab] < PERCEPTIBLE or lab in s.hidden)
+                hidden[-1] = s.severity[lab] < PERCEPTIBLE or lab in s.hidden
             else:
                 synthetic.append((x, lab, {}))
-                if invisible is not None:
-                    invisible.append(False)
             yi, sev = independent_degrade(held_out_crop(photos, rng), lab, rng)
             independent.append((yi, lab, {lab: sev}))
+    if invisible is not None:
+        invisible.extend(hidden)
     for i in range(per_family * 2 if with_synthetic else 0):
         x = held_out_crop(photos, rng)
         fams = [FAMILIES[int(j)] for j in rng.choice(len(FAMILIES), 2, replace=False)]
@@ -293,8 +292,10 @@ def evaluate(perceiver: Perceiver, items, invisible: Optional[Sequence[bool]] = 
     conf = np.zeros((len(LABELS), len(LABELS)), int)
     tier_ok = 0
     tier_conf = np.zeros((3, 3), int)
+    ok = []
     for r, (_, lab, sev) in zip(reps, items):
         conf[LABELS.index(lab), LABELS.index(r.degradation)] += 1
+        ok.append(r.degradation == lab)
         t_true = tier_of(1 - combined_severity(sev.values()))
         tier_conf[TIERS.index(t_true), TIERS.index(r.quality)] += 1
         tier_ok += r.quality == t_true
@@ -305,7 +306,6 @@ def evaluate(perceiver: Perceiver, items, invisible: Optional[Sequence[bool]] = 
            "per_family": per, "confusion": conf.tolist(), "tier_accuracy": float(tier_ok / len(items)),
            "tier_confusion": tier_conf.tolist(), "n": len(items)}
     if invisible is not None:
-        ok = [r.degradation == lab for r, (_, lab, _) in zip(reps, items)]
         seen = [o for o, inv in zip(ok, invisible) if not inv]
         res["visible_accuracy"] = float(sum(seen) / len(seen))
         res["n_invisible"] = len(ok) - len(seen)
