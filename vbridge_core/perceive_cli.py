@@ -58,6 +58,10 @@ def add_perceive_parsers(sub) -> None:
     t.add_argument("--probe-decision", type=float_arg("--probe-decision", min=0, max=1), default=None,
                    help="(builtin) the snow probe says snow above this probability of its training mix (default 0.65, "
                    "PROBE_DECISION in vbridge_core/perceive/train.py; 0.5 with --snow-pair-share 0 makes the v3 probe)")
+    t.add_argument("--sky-share", type=float_arg("--sky-share", min=0, max=1), default=None,
+                   help="(builtin) clean crops of procedural blue skies added to the snow probe's training crops, as a "
+                   "share of --samples, so flakes on a clear sky are not taken for clouds (default 1/24: 1500 with "
+                   "36000 samples, SKY_SHARE in vbridge_core/perceive/train.py, the shipped file's; 0 = none)")
     t.add_argument("--haze-offset", type=float_arg("--haze-offset", min=-10, max=10), default=None,
                    help="(builtin) added to the fitted MLPs' haze logit, so weak or patchy haze is called haze "
                    "rather than clean (default 0, HAZE_LOGIT_OFFSET in vbridge_core/perceive/train.py: the shipped "
@@ -173,7 +177,7 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
         from .perceive.train import DEFAULT_SAMPLES, train_builtin
 
         recipe_opts = {"probe_epochs": a.probe_epochs, "hard_snow_share": a.hard_snow_share,
-                       "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision,
+                       "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision, "sky_share": a.sky_share,
                        "haze_offset": a.haze_offset, "extra": a.extra_photos}
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
                                 threads=a.threads,  # options not given keep train_builtin's defaults

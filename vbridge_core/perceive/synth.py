@@ -207,6 +207,43 @@ def _bright_objects(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
+def _blue_sky(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A clear or partly cloudy daylight sky [n, n, 3]: a smooth gradient from a saturated zenith blue to a paler
+    horizon, soft white clouds over 0..60 % of it, and in half the scenes ground below a ragged horizon."""
+    import colorsys
+
+    zenith = np.array(colorsys.hsv_to_rgb(rng.uniform(195, 235) / 360, rng.uniform(0.35, 0.85), rng.uniform(0.55, 0.95)))
+    horizon = zenith + (1.0 - zenith) * rng.uniform(0.3, 0.8)
+    t = np.linspace(0.0, 1.0, n)[:, None, None] ** rng.uniform(0.6, 1.5)
+    img = zenith * (1 - t) + horizon * t + np.zeros((1, n, 1))
+    cloud = _power_field(rng, n, rng.uniform(1.8, 2.6))
+    cover = rng.uniform(0.0, 0.6)
+    a = np.clip((cloud - np.quantile(cloud, 1 - cover)) / rng.uniform(0.05, 0.25), 0, 1)[..., None] * rng.uniform(0.6, 1)
+    white = rng.uniform(0.85, 1.0) * (0.8 + 0.2 * cloud[..., None])
+    img = img * (1 - a) + white * a
+    if rng.random() < 0.5:
+        ground = _dead_leaves(rng, n, rng.uniform(6, 12), rng.uniform(60, 200), False, rng.uniform(0.5, 0.9))
+        line = n * rng.uniform(0.55, 0.85) + 30 * (_power_field(rng, n, 2.5)[0] - 0.5)
+        img = np.where((np.arange(n)[:, None] < line[None, :])[..., None], img, ground)
+    return np.clip(img, 0, 1)
+
+
+#: Procedural blue skies the snow probe sees besides the training photos (:func:`sky_photos`).
+SKY_COUNT = 8
+
+
+def sky_photos(count: int = SKY_COUNT, seed: int = 20261202, size: int = 384) -> list[tuple[str, torch.Tensor]]:
+    """Clean procedural daylight skies ``[(name, [3, size, size])]`` (deterministic; :func:`_blue_sky`, rendered
+    at 2x and area-downscaled). The training photos hold almost no blue sky, and white flakes on one were read as
+    clean (the snow probe had learnt white blobs on a sky as clouds); these give it clean skies to compare with."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        x = torch.from_numpy(np.ascontiguousarray(_blue_sky(rng, size * 2), dtype=np.float32)).permute(2, 0, 1)
+        out.append((f"sky:{i}", quantise_8bit(F.avg_pool2d(x[None], 2)[0].clamp(0, 1))))
+    return out
+
+
 def quantise_8bit(image: torch.Tensor) -> torch.Tensor:
     """``image`` clamped to 0..1 and rounded to the 256 levels of an 8-bit file (still float)."""
     return (image.clamp(0, 1) * 255).round() / 255
