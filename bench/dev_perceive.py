@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     net = shift_label_logit(fit_ensemble(feats, targets, seed=a.seed), "haze", a.haze_offset)
     probe = (fit_snow_probe(crops, targets, seed=a.seed, epochs=a.probe_epochs, hard_share=a.hard_snow_share,
                             pair_share=a.snow_pair_share, decision=a.probe_decision,
-                            backgrounds=sky_crops(int(round(a.sky_share * a.samples)), a.seed))
+                            backgrounds=sky_crops(a.sky_share, a.samples, a.seed))
              if crops is not None else None)
     t2 = time.perf_counter()
     out = {"state": net.state_dict()}

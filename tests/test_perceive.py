@@ -311,9 +311,9 @@ def test_sky_backgrounds_join_the_snow_probes_clean_crops():
         assert torch.equal(a, (a * 255).round() / 255) and 0 <= float(a.min()) and float(a.max()) <= 1
     top = torch.stack([x[:, :8].mean((1, 2)) for _, x in skies])  # the zenith: blue over red in every sky
     assert (top[:, 2] > top[:, 0]).all(), top
-    bg = sky_crops(6, seed=0)
-    assert len(bg) == 6 and bg[0].shape == (3, 128, 128) and bg[0].dtype == torch.uint8 and sky_crops(0, 0) == []
-    assert all(torch.equal(a, b) for a, b in zip(bg, sky_crops(6, seed=0)))
+    bg = sky_crops(0.25, 24, seed=0)
+    assert len(bg) == 6 and bg[0].shape == (3, 128, 128) and bg[0].dtype == torch.uint8 and sky_crops(0, 36000, 0) == []
+    assert all(torch.equal(a, b) for a, b in zip(bg, sky_crops(0.25, 24, seed=0)))
     crops = [to_uint8(c) for c in _photo_crops(24)]
     labels = np.zeros((len(crops), len(LABELS)), np.float32)
     labels[:, LABELS.index("clean")] = 1

@@ -212,13 +212,15 @@ def _blue_sky(rng: np.random.Generator, n: int) -> np.ndarray:
     horizon, soft white clouds over 0..60 % of it, and in half the scenes ground below a ragged horizon."""
     import colorsys
 
-    zenith = np.array(colorsys.hsv_to_rgb(rng.uniform(195, 235) / 360, rng.uniform(0.35, 0.85), rng.uniform(0.55, 0.95)))
+    hue, sat, val = rng.uniform(195, 235) / 360, rng.uniform(0.35, 0.85), rng.uniform(0.55, 0.95)
+    zenith = np.array(colorsys.hsv_to_rgb(hue, sat, val))
     horizon = zenith + (1.0 - zenith) * rng.uniform(0.3, 0.8)
     t = np.linspace(0.0, 1.0, n)[:, None, None] ** rng.uniform(0.6, 1.5)
     img = zenith * (1 - t) + horizon * t + np.zeros((1, n, 1))
     cloud = _power_field(rng, n, rng.uniform(1.8, 2.6))
     cover = rng.uniform(0.0, 0.6)
-    a = np.clip((cloud - np.quantile(cloud, 1 - cover)) / rng.uniform(0.05, 0.25), 0, 1)[..., None] * rng.uniform(0.6, 1)
+    edge = rng.uniform(0.05, 0.25)  # width of a cloud's soft rim, in field units
+    a = np.clip((cloud - np.quantile(cloud, 1 - cover)) / edge, 0, 1)[..., None] * rng.uniform(0.6, 1)
     white = rng.uniform(0.85, 1.0) * (0.8 + 0.2 * cloud[..., None])
     img = img * (1 - a) + white * a
     if rng.random() < 0.5:

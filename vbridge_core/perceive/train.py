@@ -4,8 +4,9 @@ Steps: draw degraded crops from the training photos (:mod:`.synth`), compute the
 (:mod:`.features`), fit :data:`MEMBERS` MLPs from different seeds with binary cross-entropy on the labels
 plus squared errors on severity and quality, average them in one :class:`.model.PerceiverNet`, fit the
 snow probe (:func:`fit_snow_probe`) on the crops that are clean or carry snow alone (plus crops of procedural
-blue skies, :func:`sky_crops`), and write the safetensors file. The shipped ``perceiver.safetensors`` comes from ``train_builtin(seed=0)`` with the
-defaults (36000 crops; 12-15 minutes on a 2-core machine; the probe trains on up to 4 threads) and
+blue skies, :func:`sky_crops`), and write the safetensors file. The shipped ``perceiver.safetensors`` comes from
+``train_builtin(seed=0)`` with the defaults (36000 crops; about 18 minutes on a 2-core machine; the probe trains
+on up to 4 threads) and
 ``extra=[DIR/tid2013, DIR/debian]``, the nine photos ``bench/perceiver_photos.py --out DIR`` writes.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from ..errors import InputError
 from .features import FEATURE_VERSION, crop_features
 from .labels import FAMILIES, LABELS
 from .model import CROP, Perceiver, PerceiverNet, SnowProbe
-from .synth import (PERCEPTIBLE, Sample, clean_photos, degrade_with, extra_photos, hard_snow, label_arrays, make_samples,
-                    sky_photos)
+from .synth import (PERCEPTIBLE, Sample, clean_photos, degrade_with, extra_photos, hard_snow, label_arrays,
+                    make_samples, sky_photos)
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +182,14 @@ PROBE_DECISION = 0.65
 SKY_SHARE = 1 / 24
 
 
-def sky_crops(count: int, seed: int) -> list[torch.Tensor]:
-    """``count`` clean :data:`~.model.CROP` px crops of :func:`~.synth.sky_photos` (8-bit, deterministic for a seed)."""
+def sky_crops(share: float, samples: int, seed: int) -> list[torch.Tensor]:
+    """``share`` x ``samples`` clean :data:`~.model.CROP` px crops of :func:`~.synth.sky_photos` (8-bit,
+    deterministic for a seed): the snow probe's extra backgrounds for a run of ``samples`` training crops."""
+    count = int(round(share * samples))
     if count <= 0:
         return []
-    return [to_uint8(s.image) for s in make_samples(sky_photos(), count, seed=seed * 7919 + 31337, size=CROP, families=[])]
+    crops = make_samples(sky_photos(), count, seed=seed * 7919 + 31337, size=CROP, families=[])
+    return [to_uint8(s.image) for s in crops]
 
 
 def conv_threads() -> int:
@@ -208,10 +212,10 @@ def fit_snow_probe(crops: Sequence[torch.Tensor], targets: dict[str, np.ndarray]
     (opaque, hard-edged, streaks) painted on, so the probe knows snow that ``degrade.snow`` does not draw.
     ``pair_share`` of them are added once more with ``degrade.snow`` of random parameters, labelled like every
     training crop (snow when perceptible and visible, else clean). ``backgrounds``: more clean 8-bit crops
-    (:func:`sky_crops`) added to the probe's clean ones before the shares are drawn. ``decision``: the trained probe's head bias is
-    lowered by logit(decision), so the returned probe says snow (p > 0.5) where the trained one gave p > decision.
-    Deterministic for a seed; every other batch is mirrored left-right. Returns None when the set holds
-    no crop of one of the two kinds (a tiny training run)."""
+    (:func:`sky_crops`) added to the probe's clean ones before the shares are drawn. ``decision``: the trained
+    probe's head bias is lowered by logit(decision), so the returned probe says snow (p > 0.5) where the trained
+    one gave p > decision. Deterministic for a seed; every other batch is mirrored left-right. Returns None when
+    the set holds no crop of one of the two kinds (a tiny training run)."""
     lab = targets["labels"]
     si, ci = LABELS.index("snow"), LABELS.index("clean")
     idx = [i for i, c in enumerate(crops) if c.shape[-1] == CROP and lab[i].sum() == 1 and (lab[i, si] or lab[i, ci])]
@@ -294,9 +298,9 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
 
     ``probe_epochs`` = 0 leaves the snow probe out (statistics only); ``hard_snow_share``,
     ``snow_pair_share`` and ``probe_decision`` are passed to :func:`fit_snow_probe`, with ``sky_share`` x ``count``
-    crops of :func:`sky_crops` as extra clean backgrounds; ``haze_offset`` is
-    added to the fitted ensemble's haze logit (:func:`shift_label_logit`); ``extra``: clean photos (files
-    or folders, :func:`~vbridge_core.perceive.synth.extra_photos`) added to the training photos."""
+    crops of :func:`sky_crops` as extra clean backgrounds; ``haze_offset`` is added to the fitted ensemble's haze
+    logit (:func:`shift_label_logit`); ``extra``: clean photos (files or folders,
+    :func:`~vbridge_core.perceive.synth.extra_photos`) added to the training photos."""
     if count < 200:
         raise InputError(f"--samples must be at least 200 for a usable perceiver, got {count}")
     if probe_epochs < 0:
@@ -310,7 +314,6 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
     if not 0.0 <= sky_share <= 1.0:
         raise InputError(f"--sky-share must be a share of the training samples, 0..1 (0 = the probe sees the training "
                          f"photos only), got {sky_share}")
-    sky = int(round(sky_share * count))
     if not -10.0 <= haze_offset <= 10.0:
         raise InputError(f"--haze-offset must be a logit shift in -10..10 (0 = as fitted), got {haze_offset}")
     added = extra_photos(extra, min_side=max(TRAIN_SIZES))
@@ -324,8 +327,9 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
     net = shift_label_logit(fit_ensemble(feats, targets, seed=seed, members=members, epochs=epochs), "haze",
                             haze_offset)
     t2 = time.perf_counter()
+    sky = sky_crops(sky_share, count, seed) if crops is not None else []
     probe = (fit_snow_probe(crops, targets, seed=seed, epochs=probe_epochs, hard_share=hard_snow_share,
-                            pair_share=snow_pair_share, decision=probe_decision, backgrounds=sky_crops(sky, seed))
+                            pair_share=snow_pair_share, decision=probe_decision, backgrounds=sky)
              if crops is not None else None)
     with torch.no_grad():
         pred = torch.sigmoid(net(feats)[0]).numpy()
@@ -336,7 +340,7 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
             "snow_probe_hard_share": hard_snow_share if probe is not None else 0.0,
             "snow_probe_pair_share": snow_pair_share if probe is not None else 0.0,
             "snow_probe_decision": probe_decision if probe is not None else 0.5,
-            "snow_probe_sky_crops": sky if probe is not None else 0,
+            "snow_probe_sky_crops": len(sky) if probe is not None else 0,
             "haze_logit_offset": haze_offset,
             "seconds_data": round(t1 - t0, 1), "seconds_fit": round(t2 - t1, 1),
             "seconds_probe": round(time.perf_counter() - t2, 1),
