@@ -177,8 +177,8 @@ def cmd_train_perceiver(a: argparse.Namespace) -> int:
         from .perceive.train import DEFAULT_SAMPLES, train_builtin
 
         recipe_opts = {"probe_epochs": a.probe_epochs, "hard_snow_share": a.hard_snow_share,
-                       "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision, "sky_share": a.sky_share,
-                       "haze_offset": a.haze_offset, "extra": a.extra_photos}
+                       "snow_pair_share": a.snow_pair_share, "probe_decision": a.probe_decision,
+                       "sky_share": a.sky_share, "haze_offset": a.haze_offset, "extra": a.extra_photos}
         _, info = train_builtin(a.out, seed=a.seed, count=a.samples or DEFAULT_SAMPLES, epochs=a.epochs,
                                 threads=a.threads,  # options not given keep train_builtin's defaults
                                 **{k: v for k, v in recipe_opts.items() if v is not None})

@@ -15,6 +15,7 @@ blur -> haze -> low light -> rain/snow -> noise -> JPEG with parameters drawn by
 """
 from __future__ import annotations
 
+import colorsys
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,8 +211,6 @@ def _bright_objects(rng: np.random.Generator, n: int) -> np.ndarray:
 def _blue_sky(rng: np.random.Generator, n: int) -> np.ndarray:
     """A clear or partly cloudy daylight sky [n, n, 3]: a smooth gradient from a saturated zenith blue to a paler
     horizon, soft white clouds over 0..60 % of it, and in half the scenes ground below a ragged horizon."""
-    import colorsys
-
     hue, sat, val = rng.uniform(195, 235) / 360, rng.uniform(0.35, 0.85), rng.uniform(0.55, 0.95)
     zenith = np.array(colorsys.hsv_to_rgb(hue, sat, val))
     horizon = zenith + (1.0 - zenith) * rng.uniform(0.3, 0.8)
@@ -239,16 +238,18 @@ def sky_photos(count: int = SKY_COUNT, seed: int = 20261202, size: int = 384) ->
     at 2x and area-downscaled). The training photos hold almost no blue sky, and white flakes on one were read as
     clean (the snow probe had learnt white blobs on a sky as clouds); these give it clean skies to compare with."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        x = torch.from_numpy(np.ascontiguousarray(_blue_sky(rng, size * 2), dtype=np.float32)).permute(2, 0, 1)
-        out.append((f"sky:{i}", quantise_8bit(F.avg_pool2d(x[None], 2)[0].clamp(0, 1))))
-    return out
+    return [(f"sky:{i}", _render_2x(_blue_sky(rng, size * 2))) for i in range(count)]
 
 
 def quantise_8bit(image: torch.Tensor) -> torch.Tensor:
     """``image`` clamped to 0..1 and rounded to the 256 levels of an 8-bit file (still float)."""
     return (image.clamp(0, 1) * 255).round() / 255
+
+
+def _render_2x(img: np.ndarray) -> torch.Tensor:
+    """A scene drawn at twice the size [2n, 2n, 3] -> ``[3, n, n]``: 2x area-downscaled (anti-aliased), 8-bit."""
+    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
+    return quantise_8bit(F.avg_pool2d(x[None], 2)[0].clamp(0, 1))
 
 
 def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size: int = 384) -> list[tuple[str, torch.Tensor]]:
@@ -282,9 +283,7 @@ def procedural_photos(count: int = PROCEDURAL_COUNT, seed: int = 20261201, size:
             horizon = n * rng.uniform(0.3, 0.7) + 40 * (_power_field(rng, n, 2.5)[0] - 0.5)
             m = (np.arange(n)[:, None] < horizon[None, :])[..., None]
             img = np.where(m, sky, ground)
-        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
-        x = F.avg_pool2d(x[None], 2)[0].clamp(0, 1)
-        out.append((f"procedural:{i}", quantise_8bit(x)))
+        out.append((f"procedural:{i}", _render_2x(img)))
     return out
 
 

@@ -327,10 +327,11 @@ def train_builtin(out: str | Path, seed: int = 0, count: int = DEFAULT_SAMPLES, 
     net = shift_label_logit(fit_ensemble(feats, targets, seed=seed, members=members, epochs=epochs), "haze",
                             haze_offset)
     t2 = time.perf_counter()
-    sky = sky_crops(sky_share, count, seed) if crops is not None else []
-    probe = (fit_snow_probe(crops, targets, seed=seed, epochs=probe_epochs, hard_share=hard_snow_share,
-                            pair_share=snow_pair_share, decision=probe_decision, backgrounds=sky)
-             if crops is not None else None)
+    probe, sky = None, []
+    if crops is not None:
+        sky = sky_crops(sky_share, count, seed)
+        probe = fit_snow_probe(crops, targets, seed=seed, epochs=probe_epochs, hard_share=hard_snow_share,
+                               pair_share=snow_pair_share, decision=probe_decision, backgrounds=sky)
     with torch.no_grad():
         pred = torch.sigmoid(net(feats)[0]).numpy()
     top_true = np.where(targets["labels"][:, :len(FAMILIES)].sum(1) == 0, len(FAMILIES),
