@@ -588,6 +588,36 @@ def test_shift_label_logit_moves_one_logit_of_the_ensemble_exactly():
     assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])  # severity and quality unchanged
 
 
+def test_merged_perceivers_keep_every_members_outputs_across_standardisations(tmp_path):
+    """Two nets fitted on different features standardise differently; the merged ensemble folds that into each
+    member's first layer, so it averages exactly the members' own logits, and it survives a save and a load."""
+    from vbridge_core.perceive.model import PerceiverNet, SnowProbe
+
+    torch.manual_seed(0)
+    a, b = PerceiverNet(members=3).eval(), PerceiverNet(members=2).eval()
+    for net in (a, b):
+        net.feat_mean.copy_(torch.randn(len(FEATURE_NAMES)))
+        net.feat_std.copy_(torch.rand(len(FEATURE_NAMES)) + 0.1)
+    f = torch.randn(6, len(FEATURE_NAMES)) * 2
+    with torch.no_grad():
+        want = (3 * a(f)[0] + 2 * b(f)[0]) / 5
+        same = PerceiverNet.combine([a, a])
+        assert torch.equal(same.feat_mean, a.feat_mean) and torch.allclose(same(f)[0], a(f)[0], atol=1e-6)  # not folded
+        probe = SnowProbe().eval()
+        merged = Perceiver.merged([Perceiver(a, {"name": "A"}), Perceiver(b, {"name": "B"}, probe)])
+        assert len(merged.net.members) == 5 and merged.probe is probe
+        assert merged.info["merged"] == [{"name": "A"}, {"name": "B"}]
+        assert torch.allclose(merged.net(f)[0], want, atol=1e-5)
+        back = Perceiver.load(merged.save(tmp_path / "m.safetensors"))
+        assert torch.allclose(back.net(f)[0], want, atol=1e-5) and back.probe is not None
+    with pytest.raises(InputError, match="at least two"):
+        Perceiver.merged([Perceiver(a)])
+    with pytest.raises(ValueError, match="widths"):
+        PerceiverNet.combine([a, PerceiverNet(hidden=64)])
+    with pytest.raises(InputError, match="widths"):
+        Perceiver.merged([Perceiver(a), Perceiver(PerceiverNet(hidden=64))])
+
+
 def test_hard_snow_paints_visible_opaque_flakes_deterministically():
     from vbridge_core.perceive.synth import hard_snow, visible_overlay
 
@@ -627,3 +657,25 @@ def test_hard_snow_share_teaches_the_probe_opaque_flakes():
         with torch.no_grad():
             probs[share] = torch.sigmoid(probe(torch.stack(held))).mean().item()
     assert probs[1.0] > 0.5 and probs[1.0] > probs[0.0] + 0.2, probs
+
+
+def test_cli_merge_perceivers_writes_one_ensemble_and_refuses_a_single_file(tmp_path, capsys):
+    from vbridge_core.perceive.model import PerceiverNet
+
+    torch.manual_seed(1)
+    files = []
+    for k in range(2):
+        net = PerceiverNet(members=2).eval()
+        net.feat_mean.copy_(torch.randn(len(FEATURE_NAMES)) * (k + 1))
+        files.append(Perceiver(net, {"part": k}).save(tmp_path / f"p{k}.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge-perceivers", str(files[0]), str(files[1]), "--out", str(out)]) == 0
+    m = Perceiver.load(out)
+    assert len(m.net.members) == 4 and m.info["merged"] == [{"part": 0}, {"part": 1}] and m.probe is None
+    f = torch.randn(3, len(FEATURE_NAMES))
+    with torch.no_grad():
+        want = (Perceiver.load(files[0]).net(f)[0] + Perceiver.load(files[1]).net(f)[0]) / 2
+        assert torch.allclose(m.net(f)[0], want, atol=1e-5)
+    assert main(["merge-perceivers", str(files[0]), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "at least two" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert main(["merge-perceivers", str(files[0]), str(tmp_path / "missing.safetensors"), "--out", str(out)]) != 0

@@ -395,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "train-stabilizer": _stab_cli("cmd_train_stabilizer"), "restore-video": _stab_cli("cmd_restore_video"),
                 "cache-calibrate": _cache_cli, "benchmark": _benchmark,
                 "perceive": _perceive_cli("cmd_perceive"), "train-perceiver": _perceive_cli("cmd_train_perceiver"),
-                "lora-tasks": _perceive_cli("cmd_lora_tasks")}
+                "merge-perceivers": _perceive_cli("cmd_merge_perceivers"), "lora-tasks": _perceive_cli("cmd_lora_tasks")}
     try:
         return handlers[args.command](args)
     except (KeyboardInterrupt, Cancelled) as e:

@@ -24,7 +24,7 @@ logger = logging.getLogger("vbridge_core")
 
 
 def add_perceive_parsers(sub) -> None:
-    """Register ``perceive``, ``train-perceiver`` and ``lora-tasks`` on the CLI's subparsers."""
+    """Register ``perceive``, ``train-perceiver``, ``merge-perceivers`` and ``lora-tasks`` on the CLI's subparsers."""
     fmt = HelpFormatter
     p = sub.add_parser("perceive", formatter_class=fmt,
                        help="rate images: degradation (noise, blur, jpeg, haze, low_light, rain, snow, clean), "
@@ -75,6 +75,12 @@ def add_perceive_parsers(sub) -> None:
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small batches)")
     t.add_argument("--device", default="cpu", help="(clip) device of the CLIP vision model")
     t.add_argument("--seed", type=int, default=0, help="seed")
+
+    m = sub.add_parser("merge-perceivers", formatter_class=fmt,
+                       help="join built-in perceiver files into one: all their MLPs in one ensemble (files trained on "
+                       "different photos included), the first snow probe")
+    m.add_argument("inputs", nargs="+", metavar="FILE", help="two or more built-in perceiver files")
+    m.add_argument("--out", required=True, metavar="FILE", help="perceiver file to write (.safetensors)")
 
     s = sub.add_parser("lora-tasks", formatter_class=fmt,
                        help="show or declare which tasks (degradations) a restoration LoRA covers, for restore --auto")
@@ -166,6 +172,17 @@ def cmd_perceive(a: argparse.Namespace) -> int:
         # the schema's own key order (file, degradation, scores, severity, quality, quality_score)
         write_text_atomic(a.json, json.dumps({"images": [r.to_dict() for r in reports]}, indent=2) + "\n")
         logger.info("wrote %s", a.json)
+    return 0
+
+
+def cmd_merge_perceivers(a: argparse.Namespace) -> int:
+    """``merge-perceivers FILE FILE ... --out FILE``: :meth:`~.perceive.model.Perceiver.merged`, written atomically."""
+    from .perceive.model import Perceiver
+
+    merged = Perceiver.merged([Perceiver.load(f) for f in a.inputs])
+    merged.save(a.out)
+    logger.info("wrote %s: %d MLPs from %d files, snow probe %s", a.out, len(merged.net.members), len(a.inputs),
+                "kept" if merged.probe is not None else "none")
     return 0
 
 

@@ -12,6 +12,7 @@ first (the statistics confuse a few soft flakes with fine bright texture). The w
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -113,13 +114,38 @@ class PerceiverNet(nn.Module):
 
     @classmethod
     def combine(cls, nets: Sequence["PerceiverNet"]) -> "PerceiverNet":
-        """One ensemble from single nets fitted on the same features (same standardisation)."""
+        """One ensemble from nets (single MLPs or ensembles); it averages every member's outputs.
+
+        Nets fitted on the same features share one standardisation, kept as is. Nets fitted on different training
+        sets (e.g. two perceiver files) standardise differently: each member's standardisation is then folded into
+        its first layer (:meth:`folded`) and the ensemble standardises nothing, so every member gives the outputs it
+        gave in its own net (to float rounding)."""
         first = nets[0]
+        if any(n.hidden != first.hidden for n in nets):
+            raise ValueError(f"cannot combine nets of different widths {sorted({n.hidden for n in nets})}")
+        same = all(torch.equal(n.feat_mean, first.feat_mean) and torch.equal(n.feat_std, first.feat_std) for n in nets)
+        if not same:
+            nets = [n.folded() for n in nets]
+            first = nets[0]
         out = cls(first.feat_mean.numel(), first.hidden, members=0)
         out.feat_mean.copy_(first.feat_mean)
         out.feat_std.copy_(first.feat_std)
         for n in nets:
             out.members.extend(n.members)
+        return out
+
+    def folded(self) -> "PerceiverNet":
+        """A copy whose first layers take raw features: ``W (f - m) / s + b`` = ``(W / s) f + (b - W m / s)``,
+        with mean 0 and std 1 as its own standardisation (the same outputs, to float rounding)."""
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            for m in out.members:
+                lin = m.body[0]
+                w = lin.weight.clone()
+                lin.weight.copy_(w / self.feat_std)
+                lin.bias.sub_((w * (self.feat_mean / self.feat_std)).sum(1))
+            out.feat_mean.zero_()
+            out.feat_std.fill_(1.0)
         return out
 
 
@@ -266,6 +292,22 @@ class Perceiver:
             raise ModelFileError(f"{p} does not hold the weights its metadata describes ({e}); retrain it with "
                                  "`python -m vbridge_core train-perceiver`") from None
         return cls(net, json.loads(meta.get("info", "{}")), probe)
+
+    @classmethod
+    def merged(cls, parts: Sequence["Perceiver"]) -> "Perceiver":
+        """One perceiver from several: all their MLPs in one ensemble (:meth:`PerceiverNet.combine`, so files trained
+        on different photos can be joined; the ensemble averages all members alike), the first part's snow probe
+        that has one, and the parts' descriptions under ``info["merged"]``. Joining files that miss the targets on
+        opposite sides (bench/RESULTS.md, stop 23) averages their label logits."""
+        if len(parts) < 2:
+            raise InputError(f"merging needs at least two perceivers, got {len(parts)}")
+        widths = sorted({p.net.hidden for p in parts})
+        if len(widths) > 1:
+            raise InputError(f"cannot merge perceivers of different MLP widths {widths}: one file holds one width; "
+                             "train them with the same recipe")
+        net = PerceiverNet.combine([p.net for p in parts])
+        probe = next((p.probe for p in parts if p.probe is not None), None)
+        return cls(net, {"merged": [p.info for p in parts]}, probe)
 
     @classmethod
     def builtin(cls) -> "Perceiver":
