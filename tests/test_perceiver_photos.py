@@ -128,3 +128,30 @@ def test_ubuntu_packages_are_fetched_by_url_and_checked(monkeypatch, tmp_path):
     monkeypatch.setattr(pp, "UBUNTU_ARCHIVE", (tmp_path / "nowhere").as_uri() + "/")
     with pytest.raises(InputError, match="could not download .*--debs DIR"):
         pp._find_debs(None, tmp_path / "work", {pkg: "x"})
+
+
+def test_train_groups_are_built_through_main_and_checked(tmp_path, monkeypatch, caplog):
+    """``--train-groups``: the 17 photos of v9 and of stop 23's candidate M, 4x area-downscaled from their packages
+    under OUT/train/{lom-train,ubu-train}, named without the photographer (and without the accent of one file
+    name), checked against the SHA-256 M was trained on: every fake differs and is reported."""
+    import perceiver_photos as pp
+
+    versions = {p: v for p, v in pp.TEST_VERSIONS.items()
+                if p in {spec[0] for spec in [*pp.TRAIN_PHOTOS.values(), *pp.DEBIAN_PHOTOS.values()]}}
+    photos = {**pp.TRAIN_PHOTOS, **{n: (pkg, inner, 4) for n, (pkg, inner) in pp.DEBIAN_PHOTOS.items()}}
+    decoded = _fake_debs(tmp_path / "debs", photos, versions)
+
+    def fake_tid2013(out: Path) -> list[Path]:  # pyiqa's photos are another test's business
+        out.mkdir(parents=True, exist_ok=True)
+        return [out / n for n in pp.TID2013_PHOTOS if (out / n).write_bytes(b"bmp") or True]
+
+    monkeypatch.setattr(pp, "copy_tid2013", fake_tid2013)
+    caplog.set_level("INFO")
+    assert {k.removeprefix("train/") for k in pp.TRAIN_SHA256} == set(pp.TRAIN_PHOTOS)
+    assert "ubu-train/Cathedrale_Marie-Rheine-du-Monde.png" in pp.TRAIN_PHOTOS and len(pp.TRAIN_PHOTOS) == 17
+    assert pp.main(["--out", str(tmp_path / "out"), "--debs", str(tmp_path / "debs"), "--train-groups"]) == 0
+    for name, (_, inner, factor) in pp.TRAIN_PHOTOS.items():
+        got = load_image(tmp_path / "out" / "train" / name)
+        want = F.interpolate(decoded[inner][None], size=(40 // factor, 64 // factor), mode="area")[0]
+        assert got.shape == want.shape and (got - want).abs().max() <= 0.5 / 255 + 1e-6
+    assert "17 differ" in caplog.text and "--sky-share 0 --probe-epochs 0 --haze-offset 3" in caplog.text
