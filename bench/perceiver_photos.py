@@ -358,7 +358,8 @@ def main(argv=None) -> int:
         try:
             copy_tid2013(out / "tid2013")
             if (a.test_groups or a.train_groups) and debs is None:  # download every package once, for all sets
-                photos = {**DEBIAN_PHOTOS, **(TEST_PHOTOS if a.test_groups else {}), **TRAIN_PHOTOS}
+                photos = {**DEBIAN_PHOTOS, **(TEST_PHOTOS if a.test_groups else {}),
+                          **(TRAIN_PHOTOS if a.train_groups else {})}
                 needed = {spec[0] for spec in photos.values()}
                 _find_debs(None, Path(tmp), {p: v for p, v in TEST_VERSIONS.items() if p in needed})
                 debs = Path(tmp)
