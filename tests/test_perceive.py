@@ -52,22 +52,29 @@ def test_features_are_finite_for_odd_sizes_and_flat_images():
 
 
 def test_shipped_perceiver_is_small_and_loads():
+    """The shipped file is bench/train_builtin_perceiver.py's recipe: two train_builtin runs merged into one ensemble
+    (README; the script reproduces its weights bit for bit on 2 cores). Their info says which photos and options."""
     assert BUILTIN_PATH.is_file() and BUILTIN_PATH.stat().st_size <= 5 * 1024 * 1024
     p = Perceiver.builtin()
-    assert p.info.get("samples", 0) >= 1000  # the shipped file was trained by train_builtin on real crops
-    assert p.probe is not None and p.info.get("snow_probe_epochs", 0) >= 1
+    from bench_perceive import TID2013_PHOTOS
+    from perceiver_photos import DEBIAN_PHOTOS, TRAIN_PHOTOS
     from vbridge_core.perceive import train
 
-    # the shipped file is the default recipe plus bench/perceiver_photos.py's photos (README:
-    # train-perceiver --extra-photos DIR/tid2013 DIR/debian reproduces it)
-    assert (p.info["snow_probe_pair_share"], p.info["snow_probe_decision"], p.info["snow_probe_hard_share"],
-            p.info["haze_logit_offset"]) == \
+    a, b = p.info["merged"]
+    assert len(p.net.members) == a["members"] + b["members"] == 2 * train.MEMBERS
+    for part in (a, b):  # trained by train_builtin on real crops, with the default recipe's seed and size
+        assert part["samples"] == train.DEFAULT_SAMPLES and part["seed"] == 0 and part["epochs"] == 120
+    # part a: the default recipe plus the nine photos of perceiver_photos.py; its snow probe is the file's
+    assert p.probe is not None and a["snow_probe_epochs"] == train.PROBE_EPOCHS
+    assert (a["snow_probe_pair_share"], a["snow_probe_decision"], a["snow_probe_hard_share"],
+            a["haze_logit_offset"]) == \
         (train.SNOW_PAIR_SHARE, train.PROBE_DECISION, train.HARD_SNOW_SHARE, train.HAZE_LOGIT_OFFSET)
-    from bench_perceive import TID2013_PHOTOS
-    from perceiver_photos import DEBIAN_PHOTOS
-
-    assert p.info["extra_photos"] == [*TID2013_PHOTOS, *DEBIAN_PHOTOS]
-    assert p.info["snow_probe_sky_crops"] == round(train.SKY_SHARE * p.info["samples"])
+    assert a["extra_photos"] == [*TID2013_PHOTOS, *DEBIAN_PHOTOS]
+    assert a["snow_probe_sky_crops"] == round(train.SKY_SHARE * a["samples"])
+    # part b: the same plus the 17 photos of --train-groups, haze logit + 3, no probe of its own
+    train_names = [n.split("/", 1)[1] for n in TRAIN_PHOTOS]
+    assert b["extra_photos"][:9] == a["extra_photos"] and sorted(b["extra_photos"][9:]) == sorted(train_names)
+    assert (b["haze_logit_offset"], b["snow_probe_epochs"], b["snow_probe_sky_crops"]) == (3.0, 0, 0)
 
 
 def test_shipped_snow_probe_sees_large_flakes_on_a_clear_sky():
@@ -495,7 +502,7 @@ def test_shipped_perceiver_is_an_ensemble_of_the_current_feature_set():
     from vbridge_core.perceive.model import PerceiverNet
 
     p = Perceiver.builtin()
-    assert len(p.net.members) >= 2 and p.info.get("feature_version") == FEATURE_VERSION
+    assert len(p.net.members) >= 2 and [part["feature_version"] for part in p.info["merged"]] == [FEATURE_VERSION] * 2
     assert p.net.feat_mean.numel() == len(FEATURE_NAMES)
     # the ensemble's output is the mean of its members'
     feats = p.net.feat_mean[None] + p.net.feat_std[None] * torch.randn(4, len(FEATURE_NAMES))
