@@ -10,8 +10,8 @@ seed, joined by ``merge-perceivers``:
   with 3 added to its haze logit (``--haze-offset 3``) and no snow probe of its own (``--probe-epochs 0``).
 
 Their statistics and MLP phases run on one thread each, so the two runs share two cores: they are started side by
-side, each with ``--threads 1``, and merged when both are done (about 19.5 min wall on the 2-core dev machine; one
-after the other they would take about 27 min). The photos come from ``perceiver_photos.py --train-groups`` (into
+side, each with ``--threads 1``, and merged when both are done (13 min wall on the 2-core dev machine, 19.5 on a
+busier day; one after the other they would take about 27 min). The photos come from ``perceiver_photos.py --train-groups`` (into
 ``--photos DIR`` when it lacks them, else into a temporary folder), checked against the SHA-256s of the shipped
 training. The result's weights are compared with the shipped file's, tensor by tensor (the metadata differs: it
 records each run's timings).
@@ -84,22 +84,35 @@ def ensure_photos(photos: Path, debs: Optional[Path]) -> None:
 
 
 def run_parts(photos: Path, work: Path, passthrough: Sequence[str] = ()) -> dict[str, Path]:
-    """Start both parts side by side, wait for both; return part -> file. A failed part is an error with its log."""
+    """Start both parts side by side and wait for both; return part -> file. When one fails the other is stopped
+    (no point finishing half a recipe) and the error shows the failed part's log."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     procs, files, logs, t0 = {}, {}, {}, time.perf_counter()
-    for part in PART_PHOTOS:
-        files[part], logs[part] = work / f"part-{part}.safetensors", work / f"part-{part}.log"
-        cmd = part_command(part, photos, files[part], passthrough)
-        logger.info("part %s: %s", part, " ".join(cmd[1:]))
-        with open(logs[part], "w") as log:
-            procs[part] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    failed = []
-    for part, proc in procs.items():
-        rc = proc.wait()
-        logger.info("part %s finished after %.0f s (exit %d)", part, time.perf_counter() - t0, rc)
-        if rc != 0:
-            failed.append(part)
+    failed: list[str] = []
+    try:
+        for part in PART_PHOTOS:
+            files[part], logs[part] = work / f"part-{part}.safetensors", work / f"part-{part}.log"
+            cmd = part_command(part, photos, files[part], passthrough)
+            logger.info("part %s: %s", part, " ".join(cmd[1:]))
+            with open(logs[part], "w") as log:
+                procs[part] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        pending = dict(procs)
+        while pending and not failed:
+            for part, proc in list(pending.items()):
+                rc = proc.poll()
+                if rc is not None:
+                    del pending[part]
+                    logger.info("part %s finished after %.0f s (exit %d)", part, time.perf_counter() - t0, rc)
+                    if rc != 0:
+                        failed.append(part)
+            time.sleep(0.2)
+    finally:  # a failed part, an error or Ctrl-C here: stop what still runs
+        for part, proc in procs.items():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+                logger.warning("stopped part %s", part)
     if failed:
         tails = "\n".join(f"--- part {p} ({logs[p]}):\n" + "\n".join(logs[p].read_text().splitlines()[-15:])
                           for p in failed)

@@ -64,13 +64,22 @@ def test_recipe_trains_both_parts_side_by_side_and_merges_them(recipe_photos, tm
         assert torch.equal(x, y)
 
 
-def test_a_failing_part_is_an_error_with_its_log(recipe_photos, tmp_path, caplog):
+def test_a_failing_part_is_an_error_with_its_log_and_stops_the_other(recipe_photos, tmp_path, caplog):
+    """Part b fails at once on a photo too small for a training crop; part a, still sampling, is stopped rather than
+    left to finish half a recipe; no output is written."""
+    import shutil
+
     import train_builtin_perceiver as tbp
 
+    photos = tmp_path / "photos"
+    shutil.copytree(recipe_photos, photos)
+    save_png(torch.rand(3, 100, 100), photos / "train" / "ubu-train" / "small.png")
     out = tmp_path / "p.safetensors"
+    assert tbp.main(["--out", str(out), "--photos", str(photos), "--", *QUICK]) == 2
+    assert "train-perceiver failed for part b:" in caplog.text and "small.png is 100x100 px" in caplog.text
+    assert "stopped part a" in caplog.text and not out.exists()
     assert tbp.main(["--out", str(out), "--photos", str(recipe_photos), "--", "--samples", "10"]) == 2
-    assert "train-perceiver failed for part a, b" in caplog.text and "must be at least 200" in caplog.text
-    assert not out.exists()
+    assert "must be at least 200" in caplog.text and not out.exists()
 
 
 def test_missing_photos_are_built_or_a_clear_error(tmp_path, caplog):
