@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     bad = check(out)
     logger.info("wrote %s/tid2013 (5 photos) and %s/debian (4 photos)%s; the shipped file's first part: python -m "
                 "vbridge_core train-perceiver --extra-photos %s/tid2013 %s/debian --out FILE; the whole recipe: python "
-                "bench/train_builtin_perceiver.py --photos %s --out FILE (needs --train-groups)", out, out,
+                "bench/train_builtin_perceiver.py --photos %s --out FILE (its photos need --train-groups)", out, out,
                 f", {bad} differ from the shipped training's" if bad else "", out, out, out)
     return 0
 
