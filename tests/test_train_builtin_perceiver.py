@@ -42,7 +42,8 @@ def test_recipe_trains_both_parts_side_by_side_and_merges_them(recipe_photos, tm
     out = tmp_path / "perceiver.safetensors"
     caplog.set_level("INFO")
     assert tbp.main(["--out", str(out), "--photos", str(recipe_photos), "--keep-parts", "--", *QUICK]) == 0
-    assert "the two parts side by side" in caplog.text and "differ from the shipped perceiver.safetensors" in caplog.text
+    assert "the two parts side by side" in caplog.text
+    assert "differ from the shipped perceiver.safetensors" in caplog.text
     m = Perceiver.load(out)
     a, b = m.info["merged"]
     assert len(m.net.members) == 2 * MEMBERS and m.probe is not None
